@@ -1,0 +1,3 @@
+//! `ringcast-node`: a Ringcast WebSocket node.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! `ringcast-edge`: the Ringcast edge proxy.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! `ringcast-testbed`: runs a whole Ringcast cluster on this machine.
+
+fn main() {}
