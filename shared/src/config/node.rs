@@ -173,7 +173,8 @@ pub struct LimitsConfig {
     /// Bytes waiting to be written to one connection; more closes it with 4000.
     /// Default 1048576.
     pub send_queue_bytes: usize,
-    /// Connections this node accepts; more are refused with 1013. Default 19000.
+    /// Connections this node accepts; further upgrades get HTTP 503 with `Retry-After`.
+    /// Default 19000.
     pub max_connections: usize,
 }
 
@@ -210,7 +211,10 @@ impl Validate for LimitsConfig {
             }
         }
         if self.max_message_bytes < 1024 {
-            return Err(FieldError::new("max_message_bytes", "must be at least 1024"));
+            return Err(FieldError::new(
+                "max_message_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.send_queue_bytes < self.max_message_bytes {
             return Err(FieldError::new(
@@ -306,7 +310,8 @@ mod tests {
 
     #[test]
     fn drain_deadline_must_cover_delay_and_window() {
-        let text = "[auth]\nmode=\"none\"\n[drain]\ndelay=\"5s\"\nwindow=\"10s\"\ndeadline=\"12s\"\n";
+        let text =
+            "[auth]\nmode=\"none\"\n[drain]\ndelay=\"5s\"\nwindow=\"10s\"\ndeadline=\"12s\"\n";
         let err = parse_node(text).unwrap_err();
         assert!(err.starts_with("node.toml: drain.deadline: "), "{err}");
     }
@@ -314,6 +319,9 @@ mod tests {
     #[test]
     fn unknown_limit_is_rejected() {
         let err = parse_node("[auth]\nmode=\"none\"\n[limits]\nmax_rooms = 3\n").unwrap_err();
-        assert!(err.starts_with("node.toml: limits.max_rooms: unknown field"), "{err}");
+        assert!(
+            err.starts_with("node.toml: limits.max_rooms: unknown field"),
+            "{err}"
+        );
     }
 }
