@@ -10,10 +10,14 @@
 
 mod cluster;
 mod error;
+mod node;
 mod telemetry;
 
 pub use cluster::{AckMode, ClusterConfig};
 pub use error::{ConfigError, FieldError};
+pub use node::{
+    AuthConfig, AuthMode, DrainConfig, LimitsConfig, MIN_SECRET_LEN, NodeConfig, NodeSection,
+};
 pub use telemetry::{LogFormat, TelemetryConfig};
 
 use serde::de::DeserializeOwned;
