@@ -78,6 +78,9 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Health checks fast enough for tests (unless a test brings its own `[health]`).
+const FAST_HEALTH: &str = "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n";
+
 static EDGE_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A running edge.
@@ -109,10 +112,10 @@ impl Edge {
         let text = format!(
             "[server]\nlisten = \"{listen}\"\nthreads = 2\nupgrade_socket = \"{}\"\n\
              pid_file = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n{server_extra}\n\
-             [admin]\nlisten = \"{admin}\"\n\n[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\n\
-             rise = 2\nfall = 2\n\n{}\n{extra}\n[log]\nlevel = \"info\"\n",
+             [admin]\nlisten = \"{admin}\"\n\n{}\n{}\n{extra}\n[log]\nlevel = \"info\"\n",
             dir.join("upgrade.sock").display(),
             dir.join("edge.pid").display(),
+            if extra.contains("[health]") { "" } else { FAST_HEALTH },
             backends_toml(echoes),
         );
         let config_path = dir.join("edge.toml");
@@ -290,11 +293,15 @@ pub async fn owner(edge: &Edge, key: &str) -> String {
     answer.body.trim().to_owned()
 }
 
-/// Owners of `keys` keys, in order.
+/// Owners of `keys` keys, in order (32 requests in flight).
 pub async fn owners(edge: &Edge, keys: usize) -> Vec<String> {
-    let mut out = Vec::with_capacity(keys);
-    for k in 0..keys {
-        out.push(owner(edge, &format!("key-{k}")).await);
-    }
-    out
+    use futures_util::StreamExt;
+    futures_util::stream::iter(0..keys)
+        .map(|k| async move { owner(edge, &format!("key-{k}")).await })
+        .buffered(32)
+        .collect()
+        .await
 }
+
+/// Hash on the `sid` query parameter, then the client address.
+pub const HASH_SID: &str = "[hash]\nsources = [\"query:sid\", \"ip\"]\n";
