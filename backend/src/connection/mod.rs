@@ -32,6 +32,10 @@ use cursor::Cursors;
 /// How long the node tries to write a close frame before dropping the socket.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a slow consumer has to read what is buffered and find its close frame. Its
+/// queue is already freed; only the socket's buffers stay allocated meanwhile.
+const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the connection loop ended.
 #[derive(Debug)]
 enum Stop {
@@ -215,14 +219,21 @@ impl Connection {
             .closes
             .with_label_values(&[code.to_string().as_str()])
             .inc();
+        let mut patience = CLOSE_WRITE_TIMEOUT;
         if code == close::SLOW_CONSUMER {
             self.node.metrics.slow_consumers.inc();
+            tracing::info!(conn_id = %self.conn, "closing slow consumer");
+            patience = SLOW_CLOSE_WRITE_TIMEOUT;
+            // Free the queued messages now rather than after the close is written.
+            while let Ok(item) = self.queue.try_recv() {
+                self.handle.taken(&item);
+            }
         }
         let frame = Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from(reason.to_owned()),
         }));
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.sink.send(frame)).await;
+        let _ = tokio::time::timeout(patience, self.sink.send(frame)).await;
     }
 
     async fn leave_all(&mut self) {

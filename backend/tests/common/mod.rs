@@ -263,6 +263,26 @@ impl Raw {
         }
     }
 
+    /// Reads one text frame cheaply: the offset when it is a `message`, else `None`.
+    /// Panics on a close or the end.
+    pub async fn next_message_offset(&mut self) -> Option<u64> {
+        let next = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
+            .await
+            .expect("no frame in time");
+        let Some(Ok(Message::Text(text))) = next else {
+            panic!("expected a text frame, got {next:?}");
+        };
+        if !text.starts_with(r#"{"type":"message""#) {
+            return None;
+        }
+        let start = text.find(r#""offset":"#)? + 9;
+        let digits: String = text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+
     /// The next frame other than a presence event; panics on a close.
     pub async fn frame(&mut self) -> ServerFrame {
         loop {
