@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior, interval};
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 use crate::auth::Identity;
 use crate::fanout::{ConnHandle, Outbound, encode};
@@ -81,9 +81,11 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket) {
 impl Connection {
     async fn run(&mut self) -> Stop {
         let config = &self.node.config.node;
-        let mut heartbeat = interval(config.heartbeat_interval);
+        let first_ping = Instant::now() + config.heartbeat_interval;
+        let mut heartbeat = interval_at(first_ping, config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut save = interval(config.session_save_interval);
+        let first_save = Instant::now() + config.session_save_interval;
+        let mut save = interval_at(first_save, config.session_save_interval);
         save.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let handle = Arc::clone(&self.handle);
         loop {
@@ -233,7 +235,20 @@ impl Connection {
             code,
             reason: Utf8Bytes::from(reason.to_owned()),
         }));
-        let _ = tokio::time::timeout(patience, self.sink.send(frame)).await;
+        let closing = async {
+            if self.sink.send(frame).await.is_err() {
+                return;
+            }
+            // Finish the closing handshake: read (and drop) what the client still sends
+            // until its close frame. Dropping a socket with unread input would reset it and
+            // destroy the frames still on their way to the client.
+            while let Some(Ok(message)) = self.stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(patience, closing).await;
     }
 
     async fn leave_all(&mut self) {

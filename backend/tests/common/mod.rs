@@ -257,7 +257,11 @@ impl Raw {
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return Incoming::Close(frame.code.into(), frame.reason.to_string());
                 }
-                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Incoming::Ended,
+                Some(Ok(Message::Close(None))) | None => return Incoming::Ended,
+                Some(Err(err)) => {
+                    eprintln!("websocket read error: {err}");
+                    return Incoming::Ended;
+                }
                 Some(Ok(_)) => {}
             }
         }
