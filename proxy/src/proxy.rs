@@ -25,6 +25,7 @@ use crate::key::{self, TrustedProxies};
 use crate::limits::{ClientLimits, ClientSlot, Limit};
 use crate::metrics;
 use crate::pool::{BackendState, Pool, lock};
+use crate::tunnel;
 
 /// How many backends one request may try before it fails.
 const MAX_CONNECT_ATTEMPTS: usize = 8;
@@ -167,8 +168,8 @@ impl Edge {
 
     async fn write_rejection(&self, session: &mut Session, limit: Limit) -> Result<()> {
         metrics::rejection(limit.label());
-        if ctx_upgrade(session) {
-            metrics::upgrade("", "rejected");
+        if session.is_upgrade_req() {
+            metrics::upgrade("-", "rejected");
         }
         let retry_after = self.settings.limits.retry_after.as_secs().max(1);
         let mut response = ResponseHeader::build(limit.status(), Some(4))?;
@@ -181,35 +182,111 @@ impl Edge {
             .await
     }
 
-    fn forwarding_headers(
-        &self,
-        session: &Session,
-        request: &mut RequestHeader,
-        ctx: &Ctx,
-    ) -> Result<()> {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Request-Id` for the upstream request.
+    fn forwarding_values(&self, session: &Session, ctx: &Ctx) -> Vec<(&'static str, String)> {
         let peer = peer_ip(session);
         let trusted = self.settings.trusted.contains(peer);
-        let prior = request
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let forwarded_for = match prior {
+        let headers = &session.req_header().headers;
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let forwarded_for = match text("x-forwarded-for") {
             Some(chain) if trusted => format!("{chain}, {peer}"),
             _ => peer.to_string(),
         };
-        request.insert_header("X-Forwarded-For", forwarded_for)?;
-        let proto_given = request.headers.contains_key("x-forwarded-proto");
-        if !(trusted && proto_given) {
-            request.insert_header("X-Forwarded-Proto", self.settings.scheme)?;
+        let proto = match text("x-forwarded-proto") {
+            Some(proto) if trusted => proto.to_owned(),
+            _ => self.settings.scheme.to_owned(),
+        };
+        vec![
+            ("X-Forwarded-For", forwarded_for),
+            ("X-Forwarded-Proto", proto),
+            ("X-Request-Id", ctx.request_id.clone()),
+        ]
+    }
+
+    /// Picks the next backend for an upgrade; `Err` is the rejection to answer.
+    fn next_upgrade_backend(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<Arc<BackendState>, Limit> {
+        let backend = self.choose(session, ctx).ok_or(Limit::NoBackend)?;
+        let cap = self.settings.limits.backend_upgrades_per_second;
+        if !lock(&backend.upgrade_window).try_take(Instant::now(), cap) {
+            tracing::debug!(backend = %backend.id, "backend upgrade rate cap reached");
+            return Err(Limit::BackendUpgradeRate);
         }
-        request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        if !ctx.tried.is_empty() {
+            metrics::retry();
+        }
+        Ok(backend)
+    }
+
+    /// Runs a WebSocket handshake and its tunnel (see [`crate::tunnel`]).
+    async fn handle_upgrade(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let head = tunnel::request_head(session, &self.forwarding_values(session, ctx));
+        let (backend, answer) = loop {
+            let backend = match self.next_upgrade_backend(session, ctx) {
+                Ok(backend) => backend,
+                Err(limit) => {
+                    self.write_rejection(session, limit).await?;
+                    return Ok(true);
+                }
+            };
+            let (connect, answer) = (
+                self.settings.connect_timeout,
+                self.settings.http_read_timeout,
+            );
+            match tunnel::attempt(backend.address, &head, connect, answer).await {
+                Ok(answer) => break (backend, answer),
+                Err(err) => {
+                    tracing::warn!(backend = %backend.id, error = %err, "upgrade attempt failed");
+                    self.pool.passive_failure(backend.address);
+                    ctx.tried.push(backend.address);
+                }
+            }
+            if ctx.tried.len() >= MAX_CONNECT_ATTEMPTS {
+                session.respond_error(502).await?;
+                return Ok(true);
+            }
+        };
+        backend.new_connections.fetch_add(1, Ordering::Relaxed);
+
+        if answer.head.status.as_u16() != 101 {
+            metrics::upgrade(&backend.id, "refused");
+            tunnel::relay_refusal(session, answer).await?;
+            return Ok(true);
+        }
+        let tunnel::Answer {
+            mut head,
+            rest,
+            stream,
+        } = answer;
+        self.add_sticky_cookie(&mut head, &backend, ctx)?;
+        session.set_keepalive(None);
+        let downstream = session.as_downstream_mut();
+        downstream.write_response_header(Box::new(head)).await?;
+        metrics::upgrade(&backend.id, "switched");
+
+        let guard = TunnelGuard::open(backend.clone());
+        let end = tunnel::relay(session, stream, rest, self.settings.tunnel_idle_timeout).await;
+        tunnel::record_end(&backend, end, guard.opened, &ctx.request_id);
+        Ok(true)
+    }
+
+    fn add_sticky_cookie(
+        &self,
+        head: &mut ResponseHeader,
+        backend: &BackendState,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        if let Some(name) = &self.settings.sticky_cookie
+            && !ctx.sticky_hit
+        {
+            let cookie = format!("{name}={}; Path=/; HttpOnly", backend.id);
+            head.append_header("Set-Cookie", cookie)?;
+        }
         Ok(())
     }
-}
-
-fn ctx_upgrade(session: &Session) -> bool {
-    session.is_upgrade_req()
 }
 
 fn request_id(session: &Session, trusted: bool) -> String {
@@ -230,11 +307,8 @@ impl ProxyHttp for Edge {
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         ctx.upgrade = session.is_upgrade_req();
-        let timeout = if ctx.upgrade {
-            self.settings.tunnel_idle_timeout
-        } else {
-            Some(self.settings.http_read_timeout)
-        };
+        // Upgrades are relayed by `tunnel`, which applies its own idle timeout.
+        let timeout = (!ctx.upgrade).then_some(self.settings.http_read_timeout);
         session.set_read_timeout(timeout);
         Ok(())
     }
@@ -259,6 +333,9 @@ impl ProxyHttp for Edge {
             &header.headers,
             client,
         );
+        if ctx.upgrade {
+            return self.handle_upgrade(session, ctx).await;
+        }
         Ok(false)
     }
 
@@ -303,13 +380,46 @@ impl ProxyHttp for Edge {
         e
     }
 
+    /// A backend that dies between accepting the connection and answering (e.g. killed
+    /// with connections in its accept queue) is treated like a connect failure: nothing
+    /// reached the client yet, so an idempotent request retries on the next ring node.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let safe = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let unanswered = session.response_written().is_none();
+        if !safe {
+            e.set_retry(false);
+        } else if unanswered && *e.esource() == ErrorSource::Upstream && !client_reused {
+            if let Some(backend) = ctx.backend.take() {
+                tracing::warn!(backend = %backend.id, error = %e, "backend failed before answering");
+                self.pool.passive_failure(backend.address);
+                ctx.tried.push(backend.address);
+            }
+            e.set_retry(ctx.tried.len() < MAX_CONNECT_ATTEMPTS);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
         request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.forwarding_headers(session, request, ctx)
+        for (name, value) in self.forwarding_values(session, ctx) {
+            request.insert_header(name, value)?;
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -330,13 +440,7 @@ impl ProxyHttp for Edge {
             (true, _) => metrics::upgrade(&backend.id, "refused"),
             (false, _) => metrics::request(&backend.id),
         }
-        if let Some(name) = &self.settings.sticky_cookie
-            && !ctx.sticky_hit
-        {
-            let cookie = format!("{name}={}; Path=/; HttpOnly", backend.id);
-            response.append_header("Set-Cookie", cookie)?;
-        }
-        Ok(())
+        self.add_sticky_cookie(response, &backend, ctx)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
