@@ -76,15 +76,17 @@ pub struct Edge {
     pool: Arc<Pool>,
     settings: Settings,
     clients: Arc<ClientLimits>,
+    tunnels: Arc<tunnel::Tunnels>,
 }
 
 impl Edge {
-    /// Builds the proxy over `pool`.
-    pub fn new(pool: Arc<Pool>, settings: Settings) -> Self {
+    /// Builds the proxy over `pool`; its tunnels are registered in `tunnels`.
+    pub fn new(pool: Arc<Pool>, settings: Settings, tunnels: Arc<tunnel::Tunnels>) -> Self {
         Self {
             pool,
             settings,
             clients: Arc::new(ClientLimits::default()),
+            tunnels,
         }
     }
 }
@@ -268,7 +270,9 @@ impl Edge {
         metrics::upgrade(&backend.id, "switched");
 
         let guard = TunnelGuard::open(backend.clone());
-        let end = tunnel::relay(session, stream, rest, self.settings.tunnel_idle_timeout).await;
+        let handle = self.tunnels.register();
+        let idle = self.settings.tunnel_idle_timeout;
+        let end = tunnel::relay(session, stream, rest, idle, &handle).await;
         tunnel::record_end(&backend, end, guard.opened, &ctx.request_id);
         Ok(true)
     }

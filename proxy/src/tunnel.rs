@@ -22,14 +22,17 @@
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::metrics;
-use crate::pool::BackendState;
+use crate::pool::{BackendState, lock};
 
 /// Largest accepted response head from a backend.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -236,6 +239,71 @@ pub enum TunnelEnd {
     Idle,
     /// A read or write failed.
     Error,
+    /// Closed by the edge while it shuts down (spread over the grace period).
+    Shutdown,
+}
+
+/// Every open tunnel of this process, so a shutdown can close them gradually.
+#[derive(Default)]
+pub struct Tunnels {
+    next_id: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<Notify>>>,
+}
+
+/// A tunnel's registration; dropping it unregisters the tunnel.
+pub struct TunnelHandle {
+    id: u64,
+    close: Arc<Notify>,
+    tunnels: Arc<Tunnels>,
+}
+
+impl Drop for TunnelHandle {
+    fn drop(&mut self) {
+        lock(&self.tunnels.open).remove(&self.id);
+    }
+}
+
+impl Tunnels {
+    /// Registers a new tunnel.
+    pub fn register(self: &Arc<Self>) -> TunnelHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        lock(&self.open).insert(id, close.clone());
+        TunnelHandle {
+            id,
+            close,
+            tunnels: self.clone(),
+        }
+    }
+
+    /// Open tunnels.
+    pub fn len(&self) -> usize {
+        lock(&self.open).len()
+    }
+
+    /// Whether no tunnel is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every open tunnel, evenly spread over `window`, so their clients reconnect
+    /// (through the new process after a graceful upgrade) without a thundering herd.
+    pub async fn close_spread(&self, window: Duration) {
+        let open: Vec<Arc<Notify>> = lock(&self.open).values().cloned().collect();
+        if open.is_empty() {
+            return;
+        }
+        let gap = window / u32::try_from(open.len()).unwrap_or(u32::MAX);
+        tracing::info!(
+            tunnels = open.len(),
+            window_ms = window.as_millis() as u64,
+            "shutting down: closing tunnels spread over the grace period"
+        );
+        for close in open {
+            close.notify_one();
+            tokio::time::sleep(gap).await;
+        }
+    }
 }
 
 /// Relays bytes both ways until one side closes or nothing moves for `idle` (if set).
@@ -244,6 +312,7 @@ pub async fn relay(
     mut upstream: TcpStream,
     early: Vec<u8>,
     idle: Option<Duration>,
+    handle: &TunnelHandle,
 ) -> TunnelEnd {
     let downstream = session.as_downstream_mut();
     if !early.is_empty()
@@ -286,6 +355,10 @@ pub async fn relay(
                 Err(_) => return TunnelEnd::Upstream,
             },
             () = tokio::time::sleep_until(deadline) => return TunnelEnd::Idle,
+            () = handle.close.notified() => {
+                let _ = upstream.shutdown().await;
+                return TunnelEnd::Shutdown;
+            }
         }
         deadline = tokio::time::Instant::now() + idle_for;
     }

@@ -99,6 +99,7 @@ pub struct Edge {
     pub dir: PathBuf,
     pub config_path: PathBuf,
     child: Option<Child>,
+    old: Option<Child>,
 }
 
 /// The `[[backends]]` entries for `echoes`.
@@ -126,10 +127,15 @@ impl Edge {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
             "[server]\nlisten = \"{listen}\"\nthreads = 2\nupgrade_socket = \"{}\"\n\
-             pid_file = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n{server_extra}\n\
+             pid_file = \"{}\"\nshutdown_timeout = \"1s\"\n{}{server_extra}\n\
              [admin]\nlisten = \"{admin}\"\n\n{}\n{}\n{extra}\n[log]\nlevel = \"info\"\n",
             dir.join("upgrade.sock").display(),
             dir.join("edge.pid").display(),
+            if server_extra.contains("grace_period") {
+                ""
+            } else {
+                "grace_period = \"1s\"\n"
+            },
             if extra.contains("[health]") {
                 ""
             } else {
@@ -145,6 +151,7 @@ impl Edge {
             dir,
             config_path,
             child: None,
+            old: None,
         };
         edge.spawn(false);
         edge.wait_ready().await;
@@ -183,6 +190,29 @@ impl Edge {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Graceful upgrade: starts a new edge with `-u`, then sends the running one SIGQUIT.
+    /// Returns when the new process serves the admin API.
+    pub async fn upgrade(&mut self) {
+        self.old = self.child.take();
+        self.spawn(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let old_pid = self.old.as_ref().map(Child::id).expect("old edge");
+        let status = Command::new("kill")
+            .arg("-QUIT")
+            .arg(old_pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait_ready().await;
+    }
+
+    /// Whether the pre-upgrade process has exited.
+    pub fn old_exited(&mut self) -> bool {
+        self.old
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     pub fn log(&self) -> String {
@@ -232,7 +262,7 @@ impl Edge {
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for mut child in [self.child.take(), self.old.take()].into_iter().flatten() {
             let _ = child.kill();
             let _ = child.wait();
         }
