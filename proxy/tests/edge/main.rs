@@ -8,4 +8,5 @@ mod hashing;
 mod health;
 mod limits;
 mod proxying;
+mod sticky;
 mod ws;
