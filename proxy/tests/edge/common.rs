@@ -376,3 +376,56 @@ pub async fn owners(edge: &Edge, keys: usize) -> Vec<String> {
 
 /// Hash on the `sid` query parameter, then the client address.
 pub const HASH_SID: &str = "[hash]\nsources = [\"query:sid\", \"ip\"]\n";
+
+/// A real nginx with `hash $arg_sid consistent` over the given backends (for the parity
+/// test, which is ignored by default because CI machines may lack nginx).
+pub struct Nginx {
+    pub listen: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Nginx {
+    pub fn start(echoes: &[&Echo]) -> Self {
+        let seq = EDGE_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ringcast-nginx-{}-{seq}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let servers: String = echoes
+            .iter()
+            .map(|e| format!("server {};\n", e.address))
+            .collect();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\naccess_log off;\n\
+             client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};\n\
+             uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+             upstream echoes {{\nhash $arg_sid consistent;\n{servers}}}\n\
+             server {{ listen {listen}; location / {{ proxy_pass http://echoes; }} }}\n}}\n",
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx in PATH");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { listen, dir, child }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
