@@ -1,14 +1,15 @@
 //! The request path: pingora's `ProxyHttp` callbacks, one named phase each.
 //!
-//! 1. `early_request_filter`: timeouts — plain HTTP gets `server.http_read_timeout`, an
-//!    upgrade request gets `tunnel.idle_timeout` (or none), never pingora's 60 s default.
-//! 2. `request_filter`: client identity (trusted proxies), per-client admission, hash key.
-//! 3. `upstream_peer`: sticky cookie or the ring; the per-backend upgrade cap.
-//! 4. `fail_to_connect`: passive ejection and a retry on the next ring node.
+//! 1. `early_request_filter`: plain HTTP gets `server.http_read_timeout`; an upgrade gets
+//!    no pingora read timeout at all (its tunnel applies `tunnel.idle_timeout` itself).
+//! 2. `request_filter`: client identity (trusted proxies), per-client admission, hash key;
+//!    upgrades are then handled completely by `Edge::handle_upgrade` and [`tunnel`].
+//! 3. `upstream_peer` (plain HTTP): sticky cookie or the ring.
+//! 4. `fail_to_connect` / `error_while_proxy`: passive ejection and a retry on the next
+//!    ring node while nothing has reached the client.
 //! 5. `upstream_request_filter`: forwarding headers and the request id.
-//! 6. `response_filter`: tunnel accounting, sticky cookie, metrics.
+//! 6. `response_filter`: sticky cookie, metrics.
 //! 7. `fail_to_proxy`: every rejection answers its status with `Retry-After`.
-//! 8. `logging`: idle-timeout accounting when a tunnel ends.
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -127,7 +128,6 @@ pub struct Ctx {
     sticky_hit: bool,
     request_id: String,
     client_slot: Option<ClientSlot>,
-    tunnel: Option<TunnelGuard>,
 }
 
 fn peer_ip(session: &Session) -> IpAddr {
@@ -350,20 +350,14 @@ impl ProxyHttp for Edge {
             return Err(status_error(503, "no backend takes new connections"));
         };
 
-        let cap = self.settings.limits.backend_upgrades_per_second;
-        if ctx.upgrade && !lock(&backend.upgrade_window).try_take(Instant::now(), cap) {
-            tracing::debug!(backend = %backend.id, "backend upgrade rate cap reached");
-            ctx.reject = Some(Limit::BackendUpgradeRate);
-            return Err(status_error(503, "backend upgrade rate cap reached"));
-        }
         if !ctx.tried.is_empty() {
             metrics::retry();
         }
 
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         peer.options.connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.read_timeout = (!ctx.upgrade).then_some(self.settings.http_read_timeout);
-        tracing::trace!(backend = %backend.id, upgrade = ctx.upgrade, "backend chosen");
+        peer.options.read_timeout = Some(self.settings.http_read_timeout);
+        tracing::trace!(backend = %backend.id, "backend chosen");
         ctx.backend = Some(backend);
         Ok(Box::new(peer))
     }
@@ -436,14 +430,7 @@ impl ProxyHttp for Edge {
             return Ok(());
         };
         backend.new_connections.fetch_add(1, Ordering::Relaxed);
-        match (ctx.upgrade, response.status.as_u16()) {
-            (true, 101) => {
-                metrics::upgrade(&backend.id, "switched");
-                ctx.tunnel = Some(TunnelGuard::open(backend.clone()));
-            }
-            (true, _) => metrics::upgrade(&backend.id, "refused"),
-            (false, _) => metrics::request(&backend.id),
-        }
+        metrics::request(&backend.id);
         self.add_sticky_cookie(response, &backend, ctx)
     }
 
@@ -473,24 +460,6 @@ impl ProxyHttp for Edge {
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
-        }
-    }
-
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let Some(tunnel) = ctx.tunnel.take() else {
-            return;
-        };
-        let lived_ms = u64::try_from(tunnel.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let idle = e.is_some_and(|e| {
-            *e.etype() == ErrorType::ReadTimedout && *e.esource() == ErrorSource::Downstream
-        });
-        if idle {
-            metrics::idle_timeout();
-            tracing::info!(backend = %tunnel.backend.id, lived_ms, request_id = %ctx.request_id,
-                "tunnel closed: idle timeout");
-        } else {
-            tracing::debug!(backend = %tunnel.backend.id, lived_ms, error = ?e.map(|e| e.to_string()),
-                "tunnel closed");
         }
     }
 }
