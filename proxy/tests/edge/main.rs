@@ -9,4 +9,5 @@ mod health;
 mod limits;
 mod proxying;
 mod sticky;
+mod tls;
 mod ws;
