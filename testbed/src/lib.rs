@@ -3,4 +3,8 @@
 //! checks what was lost.
 //!
 //! - [`checker`]: the loss checker (pure logic over the event log of a run).
+//! - [`process`]: child process supervision (logs, readiness, signals, no orphans).
+//! - [`http`]: a minimal loopback HTTP client for probes and the edge admin API.
 pub mod checker;
+pub mod http;
+pub mod process;
