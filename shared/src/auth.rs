@@ -95,7 +95,9 @@ pub fn pattern_matches(pattern: &str, room: &str) -> bool {
 }
 
 fn any_matches(patterns: &[String], room: &str) -> bool {
-    patterns.iter().any(|pattern| pattern_matches(pattern, room))
+    patterns
+        .iter()
+        .any(|pattern| pattern_matches(pattern, room))
 }
 
 /// Why a token was refused.

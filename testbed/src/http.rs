@@ -79,9 +79,10 @@ fn parse(raw: &[u8]) -> Result<Response> {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .context("no status code")?;
-    let chunked = head
-        .lines()
-        .any(|line| line.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let chunked = head.lines().any(|line| {
+        line.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
     let body = if chunked {
         dechunk(body)
     } else {
@@ -109,7 +110,8 @@ mod tests {
 
     #[test]
     fn parses_length_and_chunked_bodies() {
-        let plain = parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno").unwrap();
+        let plain =
+            parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno").unwrap();
         assert_eq!((plain.status, plain.body.as_str()), (503, "no"));
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         let chunked = parse(raw).unwrap();

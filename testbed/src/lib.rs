@@ -8,3 +8,4 @@
 pub mod checker;
 pub mod http;
 pub mod process;
+pub mod runfolder;

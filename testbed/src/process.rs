@@ -294,7 +294,10 @@ mod tests {
         child.stop(Duration::from_secs(5)).await;
         assert!(!child.is_running());
         assert!(!live().contains(&child.pid()));
-        assert!(deaths.try_recv().is_err(), "a requested stop is not a death");
+        assert!(
+            deaths.try_recv().is_err(),
+            "a requested stop is not a death"
+        );
         let log = std::fs::read_to_string(log_path(dir.path(), "s")).unwrap();
         assert_eq!(log, "hi\n");
     }
@@ -303,15 +306,22 @@ mod tests {
     async fn an_unexpected_exit_is_reported_and_fails_readiness() {
         let dir = tempfile::tempdir().unwrap();
         let (supervisor, mut deaths) = Supervisor::new();
-        let child = supervisor.spawn(&sleeper(dir.path(), "x", "exit 3")).unwrap();
-        let name = timeout(Duration::from_secs(5), deaths.recv()).await.unwrap();
+        let child = supervisor
+            .spawn(&sleeper(dir.path(), "x", "exit 3"))
+            .unwrap();
+        let name = timeout(Duration::from_secs(5), deaths.recv())
+            .await
+            .unwrap();
         assert_eq!(name.as_deref(), Some("x"));
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let err = child
             .wait_ready(&Ready::Tcp(addr), Duration::from_secs(2))
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("exited before it was ready"), "{err}");
+        assert!(
+            err.to_string().contains("exited before it was ready"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -21,7 +21,8 @@ pub use edge::{
 };
 pub use error::{ConfigError, FieldError};
 pub use node::{
-    AuthConfig, AuthMode, DrainConfig, LimitsConfig, MIN_SECRET_LEN, NodeConfig, NodeSection,
+    AuthConfig, AuthMode, DrainConfig, LimitsConfig as NodeLimitsConfig, MIN_SECRET_LEN,
+    NodeConfig, NodeSection,
 };
 pub use telemetry::{LogFormat, TelemetryConfig};
 

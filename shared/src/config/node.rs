@@ -210,7 +210,10 @@ impl Validate for LimitsConfig {
             }
         }
         if self.max_message_bytes < 1024 {
-            return Err(FieldError::new("max_message_bytes", "must be at least 1024"));
+            return Err(FieldError::new(
+                "max_message_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.send_queue_bytes < self.max_message_bytes {
             return Err(FieldError::new(
@@ -306,7 +309,8 @@ mod tests {
 
     #[test]
     fn drain_deadline_must_cover_delay_and_window() {
-        let text = "[auth]\nmode=\"none\"\n[drain]\ndelay=\"5s\"\nwindow=\"10s\"\ndeadline=\"12s\"\n";
+        let text =
+            "[auth]\nmode=\"none\"\n[drain]\ndelay=\"5s\"\nwindow=\"10s\"\ndeadline=\"12s\"\n";
         let err = parse_node(text).unwrap_err();
         assert!(err.starts_with("node.toml: drain.deadline: "), "{err}");
     }
@@ -314,6 +318,9 @@ mod tests {
     #[test]
     fn unknown_limit_is_rejected() {
         let err = parse_node("[auth]\nmode=\"none\"\n[limits]\nmax_rooms = 3\n").unwrap_err();
-        assert!(err.starts_with("node.toml: limits.max_rooms: unknown field"), "{err}");
+        assert!(
+            err.starts_with("node.toml: limits.max_rooms: unknown field"),
+            "{err}"
+        );
     }
 }
