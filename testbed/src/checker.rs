@@ -120,7 +120,7 @@ pub struct Phase {
     pub start: Duration,
 }
 
-fn as_secs<S: serde::Serializer>(value: &Duration, ser: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn as_secs<S: serde::Serializer>(value: &Duration, ser: S) -> Result<S::Ok, S::Error> {
     ser.serialize_f64(value.as_secs_f64())
 }
 

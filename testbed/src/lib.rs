@@ -13,14 +13,18 @@
 //! - [`scenario`]: the fault scenarios and the demo sequence.
 //! - [`report`]: terminal, JSON, Markdown and HTML reports.
 //! - [`live`]: the live terminal view.
+//! - [`runner`]: the commands as library calls (shared by the CLI and the tests).
 //! - [`http`]: a minimal loopback HTTP client for probes and the edge admin API.
 pub mod binaries;
 pub mod checker;
 pub mod fleet;
 pub mod http;
+pub mod live;
 pub mod process;
 pub mod redis_cluster;
+pub mod report;
 pub mod runfolder;
+pub mod runner;
 pub mod scenario;
 pub mod stack;
 pub mod stats;

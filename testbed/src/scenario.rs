@@ -67,10 +67,13 @@ pub struct RunPlan {
     /// Clients connecting per second at the start.
     pub connect_rate: f64,
     /// Steady publishing before the first fault.
+    #[serde(serialize_with = "crate::checker::as_secs")]
     pub warmup: Duration,
     /// Time each fault phase lasts after its steps are done.
+    #[serde(serialize_with = "crate::checker::as_secs")]
     pub settle: Duration,
     /// A client that cannot get back within this long is lost.
+    #[serde(serialize_with = "crate::checker::as_secs")]
     pub resume_window: Duration,
     /// The faults, in order.
     pub faults: Vec<Fault>,
