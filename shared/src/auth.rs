@@ -148,6 +148,16 @@ pub fn verify_token(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
     }
 }
 
+/// Reads a token's claims WITHOUT checking its signature or expiry. Only for nodes running
+/// with `auth.mode = "none"`, where the token just names the user.
+///
+/// # Errors
+/// [`AuthError::Invalid`] when the text is not a JWT with Ringcast claims.
+pub fn read_claims_unverified(token: &str) -> Result<Claims, AuthError> {
+    jsonwebtoken::dangerous::insecure_decode_claims::<Claims>(token)
+        .map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
 fn unix_now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use crate::protocol::{ClientInfo, Epoch, Offset, PresenceChange, PresenceMember};
 
 pub mod memory;
+pub mod redis;
 
 /// Capacity of the [`ClusterEvents`] channel. When the node reads slower than events
 /// arrive, delivery waits (events are queued, never dropped).
@@ -286,8 +287,5 @@ pub async fn connect(
     if config.nodes.is_empty() {
         return Ok(memory::MemoryHub::new().connect(config, node));
     }
-    let _ = node;
-    Err(ClusterError::Config(
-        "the Redis Cluster implementation is not compiled in yet".to_owned(),
-    ))
+    redis::connect(config, node).await
 }

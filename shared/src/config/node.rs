@@ -173,7 +173,8 @@ pub struct LimitsConfig {
     /// Bytes waiting to be written to one connection; more closes it with 4000.
     /// Default 1048576.
     pub send_queue_bytes: usize,
-    /// Connections this node accepts; more are refused with 1013. Default 19000.
+    /// Connections this node accepts; further upgrades get HTTP 503 with `Retry-After`.
+    /// Default 19000.
     pub max_connections: usize,
 }
 
