@@ -15,6 +15,11 @@
 //!   lost: the tail after the last message it received is excused (the client was told, or
 //!   is counted as lost), holes before that are still losses.
 //!
+//! Deliveries the client dropped by offset (a replay that overlaps what it already had,
+//! e.g. after a node was killed between two session saves) are counted as *redelivered*;
+//! *duplicates* are messages the application would see twice: the same message id under
+//! a new offset, or a repeated offset that slipped past the client.
+//!
 //! Losses are attributed to the phase in which the message was acked, duplicates to the
 //! phase of the second delivery, every other count to the phase of its event.
 
@@ -97,6 +102,9 @@ pub enum EventKind {
         /// The message's identity; `None` when its data carried none.
         msg: Option<MsgId>,
     },
+    /// A message at or below the client's last offset in the same epoch arrived again (a
+    /// replay overlap after a resume) and was dropped by offset, as the client library does.
+    Redelivered,
     /// The connection went away unexpectedly.
     Disconnected,
     /// The client is back: welcome received and every room re-joined.
@@ -148,8 +156,11 @@ pub struct Tally {
     pub expected: u64,
     /// Required deliveries that never happened.
     pub lost_messages: u64,
-    /// Messages delivered twice (or more) to the same client in the same room.
+    /// Messages delivered twice (or more) to the same client in the same room, after the
+    /// client's de-duplication by offset.
     pub duplicates: u64,
+    /// Deliveries dropped by the client's de-duplication by offset (replay overlap).
+    pub redelivered: u64,
     /// Deliveries with an offset below one already seen in the same epoch.
     pub out_of_order: u64,
     /// Rooms reported "not recovered" on resume.
@@ -312,6 +323,7 @@ impl<'a> Walker<'a> {
                 offset,
                 msg,
             } => self.delivered(phase, client, *room, epoch, *offset, *msg),
+            EventKind::Redelivered => self.tallies[phase].redelivered += 1,
             EventKind::Disconnected => self.tallies[phase].disconnects += 1,
             EventKind::Reconnected { took } => {
                 self.tallies[phase].reconnects += 1;
@@ -519,6 +531,7 @@ fn add_counts(total: &mut Tally, tally: &Tally) {
     total.expected += tally.expected;
     total.lost_messages += tally.lost_messages;
     total.duplicates += tally.duplicates;
+    total.redelivered += tally.redelivered;
     total.out_of_order += tally.out_of_order;
     total.not_recovered += tally.not_recovered;
     total.clients_lost += tally.clients_lost;

@@ -8,6 +8,10 @@
 //! with the previous session id; rooms the welcome lists are restored by the node, the
 //! others are joined again with the last offset and epoch seen.
 //!
+//! Like the client library, a client drops a delivery at or below the last offset it has
+//! in the same epoch (a replay overlapping what it already had); such drops are recorded as
+//! redeliveries, everything else as a delivery the checker judges.
+//!
 //! Client `i` is user `u<i>`, a member of room `room-<i mod rooms>`; every publish carries
 //! `{"p": i, "s": seq}`.
 
@@ -428,16 +432,15 @@ impl SimClient {
             let seq = data.get("s")?.as_u64()?;
             Some(MsgId { publisher, seq })
         })();
-        let advance = match &self.position {
-            Some(p) if p.epoch == epoch => offset > p.offset,
-            _ => true,
-        };
-        if advance {
-            self.position = Some(Position {
-                epoch: epoch.clone(),
-                offset,
-            });
+        let seen = matches!(&self.position, Some(p) if p.epoch == epoch && offset <= p.offset);
+        if seen {
+            self.recorder.record(self.id, EventKind::Redelivered);
+            return;
         }
+        self.position = Some(Position {
+            epoch: epoch.clone(),
+            offset,
+        });
         self.recorder
             .stats
             .delivered

@@ -141,7 +141,11 @@ impl Report {
             "- acked messages lost: **{}** (of {} required deliveries)",
             t.lost_messages, t.expected
         );
-        let _ = writeln!(out, "- duplicates delivered: **{}**", t.duplicates);
+        let _ = writeln!(
+            out,
+            "- duplicates delivered: **{}** (replay overlaps dropped by offset: {})",
+            t.duplicates, t.redelivered
+        );
         let _ = writeln!(out, "- rooms reported not recovered: {}", t.not_recovered);
         let _ = writeln!(out, "- failed handshakes: {}", t.failed_handshakes);
         let _ = writeln!(
