@@ -487,7 +487,10 @@ async fn read_welcome(ws: &mut Ws) -> Result<Welcome, Ended> {
                 }
             }
             Message::Close(Some(frame)) => {
-                return Err(Ended::closed(u16::from(frame.code), frame.reason.to_string()));
+                return Err(Ended::closed(
+                    u16::from(frame.code),
+                    frame.reason.to_string(),
+                ));
             }
             Message::Close(None) => return Err(Ended::lost("closed before welcome")),
             _ => {}
@@ -526,4 +529,3 @@ fn closed_event(ended: Ended) -> Event {
         reason: ended.reason,
     }
 }
-

@@ -213,7 +213,12 @@ impl Pump {
         match history::history(&self.shared, room, position.offset, &position.epoch).await {
             Ok(Replay::Complete(missed)) => {
                 self.to_check.remove(room);
-                for publication in missed.into_iter().chain(incoming) {
+                // History vouched that these continue from our position, even where
+                // the epoch changed after a failover.
+                for publication in missed {
+                    self.deliver_continuing(publication).await;
+                }
+                if let Some(publication) = incoming {
                     self.deliver_next(publication).await;
                 }
             }
@@ -273,6 +278,19 @@ impl Pump {
         let next = publication.epoch == position.epoch && publication.offset == position.offset + 1;
         if next {
             position.offset = publication.offset;
+            self.emit(ClusterEvent::Publication(Arc::new(publication)))
+                .await;
+        }
+    }
+
+    /// Emits `publication` when its offset is the next one, adopting its epoch.
+    async fn deliver_continuing(&mut self, publication: Publication) {
+        let Some(Track::Active(position)) = self.rooms.get_mut(&publication.room) else {
+            return;
+        };
+        if publication.offset == position.offset + 1 {
+            position.offset = publication.offset;
+            position.epoch.clone_from(&publication.epoch);
             self.emit(ClusterEvent::Publication(Arc::new(publication)))
                 .await;
         }

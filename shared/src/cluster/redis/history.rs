@@ -35,12 +35,33 @@ local function ensure_meta(meta, log, candidate, ttl)
 end
 ";
 
+/// Lua helper: the replication id of the master running the script. It changes when a
+/// replica is promoted (or a master restarts), which is how a publish notices that
+/// another master wrote the room's history before.
+const WRITER_ID: &str = r"
+local function writer_id()
+  local info = redis.call('INFO', 'replication')
+  return string.match(info, 'master_replid:(%w+)') or ''
+end
+";
+
 /// KEYS: meta, log, channel. ARGV: candidate epoch, ttl ms, max length, body, announce.
+///
+/// When another master wrote the room before (failover, restart, slot move), messages it
+/// acknowledged after its last replicated write may be gone and their offsets would be
+/// handed out again. The history therefore continues under a new epoch that remembers
+/// the previous one and the offset up to which it is intact (`prev_epoch`, `prev_upto`).
 const PUBLISH: &str = r"
 local epoch, offset = ensure_meta(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+local me = writer_id()
+local writer = redis.call('HGET', KEYS[1], 'writer')
+if writer and writer ~= me then
+  redis.call('HSET', KEYS[1], 'prev_epoch', epoch, 'prev_upto', offset, 'epoch', ARGV[1])
+  epoch = ARGV[1]
+end
 offset = offset + 1
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. offset, 'm', ARGV[4])
-redis.call('HSET', KEYS[1], 'offset', offset)
+redis.call('HSET', KEYS[1], 'offset', offset, 'writer', me)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 if ARGV[5] == '1' then
@@ -57,11 +78,16 @@ return {epoch, tostring(offset)}
 
 /// KEYS: meta, log. ARGV: candidate epoch, ttl ms, after, epoch.
 /// Returns {epoch, offset, '1', bodies...} or {epoch, offset, '0'} when not recoverable.
+/// A position in the previous epoch is still recoverable up to where that epoch is
+/// intact; the replayed messages then carry the current epoch.
 const HISTORY: &str = r"
 local epoch, offset = ensure_meta(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 local after = tonumber(ARGV[3])
 local lost = {epoch, tostring(offset), '0'}
-if epoch ~= ARGV[4] or after > offset then return lost end
+local prev = redis.call('HMGET', KEYS[1], 'prev_epoch', 'prev_upto')
+local continues = ARGV[4] == epoch
+  or (prev[1] and ARGV[4] == prev[1] and after <= tonumber(prev[2]))
+if not continues or after > offset then return lost end
 local out = {epoch, tostring(offset), '1'}
 if after == offset then return out end
 local first = '0-' .. (after + 1)
@@ -71,7 +97,8 @@ for _, entry in ipairs(entries) do out[#out + 1] = entry[2][2] end
 return out
 ";
 
-static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_meta(PUBLISH));
+static PUBLISH_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| with_meta(&format!("{WRITER_ID}{PUBLISH}")));
 static POSITION_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_meta(POSITION));
 static HISTORY_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_meta(HISTORY));
 

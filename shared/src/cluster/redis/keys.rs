@@ -20,7 +20,7 @@
 
 /// The keys and channel of one room.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RoomKeys {
+pub struct RoomKeys {
     /// Epoch and newest offset.
     pub meta: String,
     /// The capped history stream.
@@ -35,19 +35,21 @@ pub(crate) struct RoomKeys {
 
 /// Key naming for one key prefix.
 #[derive(Debug, Clone)]
-pub(crate) struct Keys {
+pub struct Keys {
     prefix: String,
 }
 
 const CHANNEL_SUFFIX: &str = "}:chan";
 
 impl Keys {
+    /// Key naming under `prefix` (the configured `key_prefix`).
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),
         }
     }
 
+    /// The keys and channel of `room`.
     pub fn room(&self, room: &str) -> RoomKeys {
         let tag = format!("{{{}:{room}", self.prefix);
         RoomKeys {
@@ -67,10 +69,12 @@ impl Keys {
         rest.strip_prefix(':')?.strip_suffix(CHANNEL_SUFFIX)
     }
 
+    /// The key of session `id`.
     pub fn session(&self, id: &str) -> String {
         format!("{}:session:{id}", self.prefix)
     }
 
+    /// The connection registry key of `user`.
     pub fn user(&self, user: &str) -> String {
         format!("{}:user:{user}", self.prefix)
     }
@@ -81,6 +85,7 @@ impl Keys {
         (format!("{tag}:live"), format!("{tag}:info"))
     }
 
+    /// The channel of direct messages for `node`.
     pub fn direct_channel(&self, node: &str) -> String {
         format!("{}:direct:{{{node}}}", self.prefix)
     }

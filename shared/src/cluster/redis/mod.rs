@@ -16,7 +16,7 @@
 mod error;
 mod fanout;
 mod history;
-mod keys;
+pub mod keys;
 mod presence;
 mod registry;
 mod sessions;
