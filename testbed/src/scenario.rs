@@ -123,6 +123,7 @@ pub async fn run(
     wait_connected(&stats, plan.clients, plan.resume_window).await;
     sleep(Duration::from_secs(3)).await;
     let events = fleet.finish().await;
+    save_events(stack, &events);
     let mut unexpected_deaths = Vec::new();
     while let Ok(name) = deaths.try_recv() {
         unexpected_deaths.push(name);
@@ -133,6 +134,19 @@ pub async fn run(
         fault_errors,
         unexpected_deaths,
         duration: stats.elapsed(),
+    }
+}
+
+/// With `RINGCAST_TESTBED_EVENTS=1`, writes the raw event log to `events.txt` in the run
+/// folder (one event per line; large for big runs) for debugging a verdict.
+fn save_events(stack: &Stack, events: &[checker::Event]) {
+    if std::env::var_os("RINGCAST_TESTBED_EVENTS").is_none() {
+        return;
+    }
+    let lines: Vec<String> = events.iter().map(|event| format!("{event:?}")).collect();
+    let path = stack.folder().file("events.txt");
+    if let Err(err) = std::fs::write(&path, lines.join("\n")) {
+        tracing::warn!(path = %path.display(), error = %err, "cannot write the event log");
     }
 }
 

@@ -233,7 +233,8 @@ impl Stack {
         let params = node_params(&id, listen, &self.redis, &self.key_prefix, &self.secret);
         let child = start_node(&self.supervisor, &self.options, &self.folder, &params).await?;
         self.nodes.insert(id.clone(), Node { child, listen });
-        let body = serde_json::json!({"id": id, "address": listen.to_string(), "weight": 1}).to_string();
+        let body =
+            serde_json::json!({"id": id, "address": listen.to_string(), "weight": 1}).to_string();
         let response = http::post(self.edge_admin, "/backends", Some(&body)).await?;
         if !(200..300).contains(&response.status) {
             bail!(
