@@ -105,6 +105,8 @@ pub enum EventKind {
     /// A message at or below the client's last offset in the same epoch arrived again (a
     /// replay overlap after a resume) and was dropped by offset, as the client library does.
     Redelivered,
+    /// The client saw a gap (or an epoch change) and re-joined from its own position.
+    Resync,
     /// The connection went away unexpectedly.
     Disconnected,
     /// The client is back: welcome received and every room re-joined.
@@ -159,8 +161,11 @@ pub struct Tally {
     /// Messages delivered twice (or more) to the same client in the same room, after the
     /// client's de-duplication by offset.
     pub duplicates: u64,
-    /// Deliveries dropped by the client's de-duplication by offset (replay overlap).
+    /// Deliveries dropped by the client: already had (replay overlap) or out of order
+    /// while re-synchronising.
     pub redelivered: u64,
+    /// Gaps the client noticed and filled with a re-synchronising join.
+    pub resyncs: u64,
     /// Deliveries with an offset below one already seen in the same epoch.
     pub out_of_order: u64,
     /// Rooms reported "not recovered" on resume.
@@ -324,6 +329,7 @@ impl<'a> Walker<'a> {
                 msg,
             } => self.delivered(phase, client, *room, epoch, *offset, *msg),
             EventKind::Redelivered => self.tallies[phase].redelivered += 1,
+            EventKind::Resync => self.tallies[phase].resyncs += 1,
             EventKind::Disconnected => self.tallies[phase].disconnects += 1,
             EventKind::Reconnected { took } => {
                 self.tallies[phase].reconnects += 1;
@@ -532,6 +538,7 @@ fn add_counts(total: &mut Tally, tally: &Tally) {
     total.lost_messages += tally.lost_messages;
     total.duplicates += tally.duplicates;
     total.redelivered += tally.redelivered;
+    total.resyncs += tally.resyncs;
     total.out_of_order += tally.out_of_order;
     total.not_recovered += tally.not_recovered;
     total.clients_lost += tally.clients_lost;

@@ -9,8 +9,11 @@
 //! others are joined again with the last offset and epoch seen.
 //!
 //! Like the client library, a client drops a delivery at or below the last offset it has
-//! in the same epoch (a replay overlapping what it already had); such drops are recorded as
-//! redeliveries, everything else as a delivery the checker judges.
+//! in the same epoch (a replay overlapping what it already had), and on a gap or an epoch
+//! change it re-joins from its own position (the node may restore a room from a session
+//! cursor that is ahead of what really reached the client, e.g. when a tunnel was cut with
+//! data in flight) and drops what arrives until the answer. Such drops are recorded as
+//! redeliveries, re-joins as resyncs, everything else as a delivery the checker judges.
 //!
 //! Client `i` is user `u<i>`, a member of room `room-<i mod rooms>`; every publish carries
 //! `{"p": i, "s": seq}`.
@@ -149,6 +152,8 @@ struct SimClient {
     session: Option<String>,
     position: Option<Position>,
     seq: u64,
+    /// A re-synchronising join is on its way; messages are dropped until it is answered.
+    syncing: bool,
     pending: HashMap<u64, u64>,
     epochs: HashMap<String, Arc<str>>,
 }
@@ -176,6 +181,7 @@ impl SimClient {
             session: None,
             position: None,
             seq: 0,
+            syncing: false,
             pending: HashMap::new(),
             epochs: HashMap::new(),
         }
@@ -284,14 +290,9 @@ impl SimClient {
                 other => bail!("expected welcome, got {other:?}"),
             }
         };
+        self.syncing = false;
         if !restored {
-            let join = ClientFrame::Join {
-                id: Some(0),
-                room: room_name(self.room),
-                offset: self.position.as_ref().map(|p| p.offset),
-                epoch: self.position.as_ref().map(|p| p.epoch.to_string()),
-            };
-            send(ws, &join).await?;
+            self.rejoin(ws).await?;
         }
         loop {
             let frame = next_frame(ws).await?;
@@ -385,7 +386,7 @@ impl SimClient {
                 offset,
                 data,
                 ..
-            } => self.message(&epoch, offset, &data),
+            } => self.message(ws, &epoch, offset, &data).await?,
             ServerFrame::Ack {
                 id, epoch, offset, ..
             } => self.ack(id, &epoch, offset),
@@ -407,6 +408,7 @@ impl SimClient {
         if room != room_name(self.room) {
             return;
         }
+        self.syncing = false;
         let epoch = self.epoch(epoch);
         let keep = resume == Some(ResumeStatus::Recovered)
             && self.position.as_ref().is_some_and(|p| p.epoch == epoch);
@@ -425,17 +427,34 @@ impl SimClient {
         self.recorder.record(self.id, kind);
     }
 
-    fn message(&mut self, epoch: &str, offset: u64, data: &serde_json::Value) {
+    /// Delivers the next message in order; drops what it already has; on a gap or an
+    /// epoch change re-joins from its own position (as the client library does) and drops
+    /// what arrives until the `joined` answer.
+    async fn message(
+        &mut self,
+        ws: &mut Ws,
+        epoch: &str,
+        offset: u64,
+        data: &serde_json::Value,
+    ) -> Result<()> {
         let epoch = self.epoch(epoch);
-        let msg = (|| {
-            let publisher = u32::try_from(data.get("p")?.as_u64()?).ok()?;
-            let seq = data.get("s")?.as_u64()?;
-            Some(MsgId { publisher, seq })
-        })();
-        let seen = matches!(&self.position, Some(p) if p.epoch == epoch && offset <= p.offset);
-        if seen {
+        let Some(position) = self.position.clone() else {
             self.recorder.record(self.id, EventKind::Redelivered);
-            return;
+            return Ok(());
+        };
+        let same_epoch = position.epoch == epoch;
+        if same_epoch && offset <= position.offset {
+            self.recorder.record(self.id, EventKind::Redelivered);
+            return Ok(());
+        }
+        if !same_epoch || offset != position.offset + 1 {
+            self.recorder.record(self.id, EventKind::Redelivered);
+            if !self.syncing {
+                self.syncing = true;
+                self.recorder.record(self.id, EventKind::Resync);
+                self.rejoin(ws).await?;
+            }
+            return Ok(());
         }
         self.position = Some(Position {
             epoch: epoch.clone(),
@@ -449,9 +468,21 @@ impl SimClient {
             room: self.room,
             epoch,
             offset,
-            msg,
+            msg: msg_id(data),
         };
         self.recorder.record(self.id, kind);
+        Ok(())
+    }
+
+    /// Sends `join` for the room, from the client's own position when it has one.
+    async fn rejoin(&mut self, ws: &mut Ws) -> Result<()> {
+        let join = ClientFrame::Join {
+            id: Some(0),
+            room: room_name(self.room),
+            offset: self.position.as_ref().map(|p| p.offset),
+            epoch: self.position.as_ref().map(|p| p.epoch.to_string()),
+        };
+        send(ws, &join).await
     }
 
     fn ack(&mut self, id: Option<u64>, epoch: &str, offset: u64) {
@@ -477,6 +508,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
             return;
         }
     }
+}
+
+/// The `{"p": publisher, "s": seq}` tag of a message's data.
+fn msg_id(data: &serde_json::Value) -> Option<MsgId> {
+    let publisher = u32::try_from(data.get("p")?.as_u64()?).ok()?;
+    let seq = data.get("s")?.as_u64()?;
+    Some(MsgId { publisher, seq })
 }
 
 /// Exponential backoff with full jitter.

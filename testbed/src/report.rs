@@ -143,8 +143,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- duplicates delivered: **{}** (replay overlaps dropped by offset: {})",
-            t.duplicates, t.redelivered
+            "- duplicates delivered: **{}** (dropped by the client's offset check: {}; \
+             gaps re-synchronised: {})",
+            t.duplicates, t.redelivered, t.resyncs
         );
         let _ = writeln!(out, "- rooms reported not recovered: {}", t.not_recovered);
         let _ = writeln!(out, "- failed handshakes: {}", t.failed_handshakes);
