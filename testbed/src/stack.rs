@@ -246,13 +246,15 @@ impl Stack {
         Ok(id)
     }
 
-    /// Stops the edge, then every node (SIGTERM, then SIGKILL after a deadline); Redis
+    /// Stops the edge and every node at once (SIGTERM, then SIGKILL after a deadline); Redis
     /// stops when the stack is dropped.
     pub async fn shutdown(self) {
-        self.edge.stop(Duration::from_secs(5)).await;
-        for node in self.nodes.values() {
-            node.child.stop(Duration::from_secs(10)).await;
-        }
+        let nodes = self
+            .nodes
+            .values()
+            .map(|node| node.child.stop(Duration::from_secs(10)));
+        let edge = self.edge.stop(Duration::from_secs(5));
+        tokio::join!(edge, futures_util::future::join_all(nodes));
     }
 }
 
