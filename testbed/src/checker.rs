@@ -118,6 +118,8 @@ pub enum EventKind {
     HandshakeFailed,
     /// The client could not get back within the resume window and gave up.
     Lost,
+    /// The run ended while the client was still trying to get back.
+    Unfinished,
 }
 
 /// A named stretch of the run, from `start` until the next phase starts.
@@ -172,6 +174,9 @@ pub struct Tally {
     pub not_recovered: u64,
     /// Clients that could not get back within the resume window.
     pub clients_lost: u64,
+    /// Clients still trying to get back when the run ended (after the cooldown waited up
+    /// to the resume window for them).
+    pub clients_unfinished: u64,
     /// Connection attempts that failed.
     pub failed_handshakes: u64,
     /// Unexpected disconnects.
@@ -213,9 +218,13 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// True when no client, no acked message was lost and nothing was duplicated.
+    /// True when no client, no acked message was lost and nothing was duplicated (a client
+    /// still disconnected at the end counts as lost).
     pub fn passed(&self) -> bool {
-        self.total.clients_lost == 0 && self.total.lost_messages == 0 && self.total.duplicates == 0
+        self.total.clients_lost == 0
+            && self.total.clients_unfinished == 0
+            && self.total.lost_messages == 0
+            && self.total.duplicates == 0
     }
 }
 
@@ -337,7 +346,14 @@ impl<'a> Walker<'a> {
                 self.reconnect_at[phase].push(event.at.as_secs());
             }
             EventKind::HandshakeFailed => self.tallies[phase].failed_handshakes += 1,
-            EventKind::Lost => self.lost(phase, client),
+            EventKind::Lost => {
+                self.tallies[phase].clients_lost += 1;
+                self.close_all(client);
+            }
+            EventKind::Unfinished => {
+                self.tallies[phase].clients_unfinished += 1;
+                self.close_all(client);
+            }
         }
     }
 
@@ -385,8 +401,8 @@ impl<'a> Walker<'a> {
         }
     }
 
-    fn lost(&mut self, phase: usize, client: ClientId) {
-        self.tallies[phase].clients_lost += 1;
+    /// Ends every segment of `client`, excusing the tails.
+    fn close_all(&mut self, client: ClientId) {
         let rooms: Vec<RoomId> = self
             .open
             .keys()
@@ -542,6 +558,7 @@ fn add_counts(total: &mut Tally, tally: &Tally) {
     total.out_of_order += tally.out_of_order;
     total.not_recovered += tally.not_recovered;
     total.clients_lost += tally.clients_lost;
+    total.clients_unfinished += tally.clients_unfinished;
     total.failed_handshakes += tally.failed_handshakes;
     total.disconnects += tally.disconnects;
     total.reconnects += tally.reconnects;

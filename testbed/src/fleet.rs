@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use ringcast_shared::auth::{Claims, mint_token};
@@ -44,6 +44,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// How long a client waits for the welcome and for its rooms after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request id of joins (publishes count from 1).
+const JOIN_ID: u64 = 0;
 /// Reconnect backoff: first ceiling and largest ceiling (full jitter below it).
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
@@ -192,7 +194,10 @@ impl SimClient {
         loop {
             let connected = tokio::select! {
                 connected = self.connect(since) => connected,
-                _ = stopped(&mut stop) => return,
+                _ = stopped(&mut stop) => {
+                    self.recorder.record(self.id, EventKind::Unfinished);
+                    return;
+                }
             };
             let Some((mut ws, node)) = connected else {
                 self.recorder.record(self.id, EventKind::Lost);
@@ -325,12 +330,14 @@ impl SimClient {
                 }
                 incoming = ws.next() => match incoming {
                     Some(Ok(WsMessage::Text(text))) => {
-                        let handled = match serde_json::from_str::<ServerFrame>(&text) {
-                            Ok(frame) => self.handle(ws, frame).await,
-                            Err(err) => Err(anyhow!("bad frame: {err}")),
+                        let Ok(frame) = serde_json::from_str::<ServerFrame>(&text) else {
+                            tracing::warn!(client = self.id, "unreadable frame");
+                            continue;
                         };
-                        if let Err(err) = handled {
-                            tracing::warn!(client = self.id, error = %err, "frame");
+                        if let Err(err) = self.handle(ws, frame).await {
+                            // A refused re-join: start over with a new connection.
+                            tracing::debug!(client = self.id, error = %err, "reconnecting");
+                            return Ended::Dropped { hint: None };
                         }
                     }
                     Some(Ok(WsMessage::Close(frame))) => {
@@ -392,7 +399,10 @@ impl SimClient {
             } => self.ack(id, &epoch, offset),
             ServerFrame::Ping => send(ws, &ClientFrame::Pong).await?,
             ServerFrame::Error { id, code, reason } => {
-                tracing::warn!(client = self.id, ?id, ?code, %reason, "error reply");
+                tracing::debug!(client = self.id, ?id, ?code, %reason, "error reply");
+                if id == Some(JOIN_ID) {
+                    bail!("join refused: {code:?} {reason}");
+                }
                 if let Some(id) = id
                     && self.pending.remove(&id).is_some()
                 {
@@ -477,7 +487,7 @@ impl SimClient {
     /// Sends `join` for the room, from the client's own position when it has one.
     async fn rejoin(&mut self, ws: &mut Ws) -> Result<()> {
         let join = ClientFrame::Join {
-            id: Some(0),
+            id: Some(JOIN_ID),
             room: room_name(self.room),
             offset: self.position.as_ref().map(|p| p.offset),
             epoch: self.position.as_ref().map(|p| p.epoch.to_string()),

@@ -135,7 +135,11 @@ impl Report {
     fn verdict_lines(&self) -> String {
         let t = &self.total;
         let mut out = String::new();
-        let _ = writeln!(out, "- clients lost: **{}**", t.clients_lost);
+        let _ = writeln!(
+            out,
+            "- clients lost: **{}** (still away at the end: **{}**)",
+            t.clients_lost, t.clients_unfinished
+        );
         let _ = writeln!(
             out,
             "- acked messages lost: **{}** (of {} required deliveries)",

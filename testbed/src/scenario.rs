@@ -121,7 +121,7 @@ pub async fn run(
     begin(&mut phases, &stats, "cooldown");
     fleet.stop_publishing();
     wait_connected(&stats, plan.clients, plan.resume_window).await;
-    sleep(Duration::from_secs(3)).await;
+    wait_quiet(&stats, Duration::from_secs(2), Duration::from_secs(30)).await;
     let events = fleet.finish().await;
     save_events(stack, &events);
     let mut unexpected_deaths = Vec::new();
@@ -182,6 +182,24 @@ async fn wait_connected(stats: &Stats, clients: u32, limit: Duration) {
         sleep(Duration::from_millis(100)).await;
     }
     tracing::warn!("not every client is connected after {limit:?}");
+}
+
+/// Waits until no delivery happened for `quiet` (in-flight messages have arrived), up to
+/// `limit`.
+async fn wait_quiet(stats: &Stats, quiet: Duration, limit: Duration) {
+    let until = Instant::now() + limit;
+    let delivered = || stats.delivered.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut last, mut since) = (delivered(), Instant::now());
+    while Instant::now() < until {
+        sleep(Duration::from_millis(200)).await;
+        let now = delivered();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+    }
+    tracing::warn!("deliveries still going on after {limit:?}");
 }
 
 /// Performs one fault's steps, marking each on the time axis.

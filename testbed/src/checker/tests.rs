@@ -231,6 +231,21 @@ fn a_lost_client_is_counted_and_its_tail_is_not_a_message_loss() {
 }
 
 #[test]
+fn a_client_still_away_at_the_end_fails_the_run_without_message_losses() {
+    let mut run = Run::new();
+    run.join(0, 0, None);
+    run.join(1, 0, None);
+    run.publish(1, 1, &[1]);
+    run.push(1, EventKind::Disconnected);
+    run.publish(2, 2, &[]);
+    run.push(1, EventKind::Unfinished);
+    let verdict = run.check(&[]);
+    assert!(!verdict.passed());
+    assert_eq!(verdict.total.clients_unfinished, 1);
+    assert_eq!(verdict.total.lost_messages, 0);
+}
+
+#[test]
 fn offsets_of_another_epoch_are_not_confused() {
     let mut run = Run::new();
     run.join(0, 0, None);
