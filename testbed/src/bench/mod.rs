@@ -25,6 +25,7 @@ pub mod procs;
 pub mod proxies;
 pub mod report;
 pub mod ringcast;
+pub mod rooms;
 pub mod scale;
 pub mod seed;
 pub mod stats;

@@ -73,6 +73,16 @@ impl SeedStack {
         Ok(text.trim().parse()?)
     }
 
+    /// PIDs of the Redis Cluster's servers.
+    pub fn redis_pids(&self) -> Vec<u32> {
+        (self.redis_ports.iter())
+            .filter_map(|p| {
+                let file = self.dir.join(format!(".cache/pids/redis-{p}.pid"));
+                std::fs::read_to_string(file).ok()?.trim().parse().ok()
+            })
+            .collect()
+    }
+
     /// PIDs of nginx's master and workers.
     pub fn nginx_pids(&self) -> Vec<u32> {
         let file = self.dir.join(".cache/nginx/nginx.pid");
