@@ -153,6 +153,7 @@ fn edge_command(setup: &Setup<'_>, dir: &Path, listen: SocketAddr) -> anyhow::Re
         ("WORKERS", setup.workers.to_string()),
         ("LISTEN", listen.to_string()),
         ("ADMIN", format!("127.0.0.1:{}", procs::free_port()?)),
+        ("DIR", dir.display().to_string()),
         ("BACKENDS", backends.join("\n")),
     ]);
     let file = write(dir, "edge.toml", &conf)?;
