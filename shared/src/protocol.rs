@@ -445,7 +445,9 @@ mod tests {
     #[test]
     fn unknown_type_and_unknown_field_are_rejected() {
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"shout"}"#).is_err());
-        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"leave","room":"a","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<ClientFrame>(r#"{"type":"leave","room":"a","x":1}"#).is_err()
+        );
     }
 
     #[test]
