@@ -27,7 +27,9 @@ pub fn ws_config() -> WebSocketConfig {
 
 /// Serves echo on `listen` until the process is killed.
 pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(listen).await?;
         println!("listening {}", listener.local_addr()?);

@@ -172,7 +172,11 @@ const ALL: [Kind; 4] = [Kind::Direct, Kind::Ringcast, Kind::Nginx, Kind::Haproxy
 fn best_incumbent(s: &Samples, metric: &str, higher_is_better: bool) -> Option<f64> {
     let values = [Kind::Nginx, Kind::Haproxy].map(|k| s.median(k.label(), metric));
     let present = values.into_iter().flatten();
-    if higher_is_better { present.reduce(f64::max) } else { present.reduce(f64::min) }
+    if higher_is_better {
+        present.reduce(f64::max)
+    } else {
+        present.reduce(f64::min)
+    }
 }
 
 fn throughput_table(s: &Samples) -> String {
@@ -193,7 +197,14 @@ fn throughput_table(s: &Samples) -> String {
         })
         .collect();
     stats::table(
-        &["target", "echo msgs/s", "vs best incumbent", "handshakes/s", "vs best incumbent", "failed handshakes"],
+        &[
+            "target",
+            "echo msgs/s",
+            "vs best incumbent",
+            "handshakes/s",
+            "vs best incumbent",
+            "failed handshakes",
+        ],
         &rows,
     )
 }
@@ -221,7 +232,15 @@ fn latency_table(s: &Samples) -> String {
         })
         .collect();
     stats::table(
-        &["target", "RTT p50 µs", "RTT p99 µs", "added p50 µs", "added p99 µs", "p99 vs best incumbent", "lost"],
+        &[
+            "target",
+            "RTT p50 µs",
+            "RTT p99 µs",
+            "added p50 µs",
+            "added p99 µs",
+            "p99 vs best incumbent",
+            "lost",
+        ],
         &rows,
     )
 }
@@ -240,9 +259,16 @@ fn cpu_table(s: &Samples) -> String {
             ]
         })
         .collect();
-    let mut out = String::from("CPU time per echoed message and per handshake (µs), by process:\n\n");
+    let mut out =
+        String::from("CPU time per echoed message and per handshake (µs), by process:\n\n");
     out += &stats::table(
-        &["target", "proxy µs/msg", "backends µs/msg", "generator µs/msg", "proxy µs/handshake"],
+        &[
+            "target",
+            "proxy µs/msg",
+            "backends µs/msg",
+            "generator µs/msg",
+            "proxy µs/handshake",
+        ],
         &rows,
     );
     out

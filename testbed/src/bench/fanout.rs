@@ -128,7 +128,11 @@ async fn session(
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
     let target = stack.target(addr);
-    let window = Arc::new(Window { origin: Instant::now(), from_ns: u64::MAX.into(), to_ns: 0.into() });
+    let window = Arc::new(Window {
+        origin: Instant::now(),
+        from_ns: u64::MAX.into(),
+        to_ns: 0.into(),
+    });
     let (tallies, spread) = start_members(stack, &target, &window).await?;
     eprintln!("  {} members by server: {spread:?}", tallies.len());
     let mut best: f64 = 0.0;
@@ -142,7 +146,11 @@ async fn session(
         let offered = rate * MEMBERS as f64;
         eprintln!(
             "  {} rate {rate}/s: offered {offered:.0}/s arrived {:.0}/s p50 {} µs p99 {} µs lost {} ({cpu:.1} µs stack CPU/delivery)",
-            stack.label(), step.arrivals_per_s, step.p50, step.p99, step.lost
+            stack.label(),
+            step.arrivals_per_s,
+            step.p50,
+            step.p99,
+            step.lost
         );
         if rate == RATES[0] {
             samples.push(stack.label(), "p50", step.p50 as f64);
@@ -182,7 +190,10 @@ async fn start_members(
     for join in joins {
         let client = join.await??;
         *spread.entry(client.server.clone()).or_insert(0) += 1;
-        let tally = Arc::new(Mutex::new(Tally { hist: Some(new_hist()), in_window: 0 }));
+        let tally = Arc::new(Mutex::new(Tally {
+            hist: Some(new_hist()),
+            in_window: 0,
+        }));
         tallies.push(tally.clone());
         tokio::spawn(listen(stack, client.ws, tally, window.clone()));
     }
@@ -202,7 +213,8 @@ async fn listen(stack: Stack, mut ws: loadgen::Ws, tally: Arc<Mutex<Tally>>, win
                 if now_ns >= from && now_ns < to {
                     t.in_window += 1;
                 }
-                if stamp >= from && stamp < to
+                if stamp >= from
+                    && stamp < to
                     && let Some(hist) = t.hist.as_mut()
                 {
                     let _ = hist.record(((now_ns.saturating_sub(stamp)) / 1000).max(1));

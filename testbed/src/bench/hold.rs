@@ -133,10 +133,16 @@ async fn serve_commands(
 
 /// Small buffers: a holder keeps thousands of connections.
 fn holder_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
 }
 
-async fn open(target: &Target, source: std::net::Ipv4Addr, proto: Proto) -> anyhow::Result<loadgen::Ws> {
+async fn open(
+    target: &Target,
+    source: std::net::Ipv4Addr,
+    proto: Proto,
+) -> anyhow::Result<loadgen::Ws> {
     let mut ws = loadgen::connect_with(target, source, holder_config()).await?;
     match proto {
         Proto::Raw => {}
@@ -217,19 +223,47 @@ impl Holder {
     pub fn start(ctx: &Ctx, args: &HoldArgs) -> anyhow::Result<Self> {
         let mut cmd = ctx.bench_command(&["hold"]);
         cmd.args(["--addr", &args.addr.to_string(), "--path", &args.path]);
-        cmd.args(["--count", &args.count.to_string(), "--spread", &args.spread.to_string()]);
-        cmd.args(["--first", &args.first.to_string(), "--concurrency", &args.concurrency.to_string()]);
-        let proto = match args.proto { Proto::Raw => "raw", Proto::Ringcast => "ringcast", Proto::Socketio => "socketio" };
+        cmd.args([
+            "--count",
+            &args.count.to_string(),
+            "--spread",
+            &args.spread.to_string(),
+        ]);
+        cmd.args([
+            "--first",
+            &args.first.to_string(),
+            "--concurrency",
+            &args.concurrency.to_string(),
+        ]);
+        let proto = match args.proto {
+            Proto::Raw => "raw",
+            Proto::Ringcast => "ringcast",
+            Proto::Socketio => "socketio",
+        };
         cmd.args(["--proto", proto]);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let mut child = cmd.spawn().context("start a connection holder")?;
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().context("holder stdout")?);
-        let mut holder = Self { proc: Proc::adopt("holder", child), stdin, stdout, ok: 0, failed: 0 };
+        let mut holder = Self {
+            proc: Proc::adopt("holder", child),
+            stdin,
+            stdout,
+            ok: 0,
+            failed: 0,
+        };
         let line = holder.read_line()?;
         let mut words = line.split_whitespace().skip(1);
-        holder.ok = words.next().and_then(|w| w.parse().ok()).context("bad ready line")?;
-        holder.failed = words.next().and_then(|w| w.parse().ok()).context("bad ready line")?;
+        holder.ok = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .context("bad ready line")?;
+        holder.failed = words
+            .next()
+            .and_then(|w| w.parse().ok())
+            .context("bad ready line")?;
         Ok(holder)
     }
 
@@ -246,7 +280,10 @@ impl Holder {
         writeln!(stdin, "ping")?;
         stdin.flush()?;
         let line = self.read_line()?;
-        line.split_whitespace().nth(1).and_then(|w| w.parse().ok()).context("bad pong line")
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|w| w.parse().ok())
+            .context("bad pong line")
     }
 
     /// The holder's PID.

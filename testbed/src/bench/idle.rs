@@ -69,9 +69,15 @@ async fn proxies_idle(
             };
             let addr = running.targets[0].addr;
             let pids = running.pids();
-            let per = measure(ctx, kind.label(), addr, "/ws", Proto::Raw, proxy_count(ctx), || {
-                procs::rss_total(&pids)
-            })
+            let per = measure(
+                ctx,
+                kind.label(),
+                addr,
+                "/ws",
+                Proto::Raw,
+                proxy_count(ctx),
+                || procs::rss_total(&pids),
+            )
             .await?;
             per.record(samples, kind.label());
         }
@@ -93,9 +99,15 @@ async fn nodes_idle(
                 match ringcast::start_node(ctx, &format!("idle{round}"), &seed.redis_urls()).await {
                     Ok(node) => {
                         let pid = node.proc.pid();
-                        let per = measure(ctx, "ringcast-node", node.addr, "/ws", Proto::Ringcast, count, || {
-                            procs::rss_bytes(pid)
-                        })
+                        let per = measure(
+                            ctx,
+                            "ringcast-node",
+                            node.addr,
+                            "/ws",
+                            Proto::Ringcast,
+                            count,
+                            || procs::rss_bytes(pid),
+                        )
                         .await?;
                         per.record(samples, "ringcast-node");
                     }
@@ -108,9 +120,15 @@ async fn nodes_idle(
                 let i = round % 3;
                 let pid = seed.node_pid(i)?;
                 let path = "/socket.io/?EIO=4&transport=websocket";
-                let per = measure(ctx, "socket.io", seed.node_addr(i), path, Proto::Socketio, count, || {
-                    procs::rss_bytes(pid)
-                })
+                let per = measure(
+                    ctx,
+                    "socket.io",
+                    seed.node_addr(i),
+                    path,
+                    Proto::Socketio,
+                    count,
+                    || procs::rss_bytes(pid),
+                )
                 .await?;
                 per.record(samples, "socket.io");
             }
@@ -155,7 +173,15 @@ async fn measure(
     let mut first = 0;
     while first < count {
         let n = PER_HOLDER.min(count - first);
-        let args = HoldArgs { addr, path: path.to_owned(), count: n, spread: 64, first, proto, concurrency: 100 };
+        let args = HoldArgs {
+            addr,
+            path: path.to_owned(),
+            count: n,
+            spread: 64,
+            first,
+            proto,
+            concurrency: 100,
+        };
         holders.push(tokio::task::block_in_place(|| Holder::start(ctx, &args))?);
         first += n;
     }
@@ -167,8 +193,18 @@ async fn measure(
     for h in &mut holders {
         answered += tokio::task::block_in_place(|| h.ping())?;
     }
-    eprintln!("  {label}: {held} held ({failed} failed), {answered} answered a ping, RSS {:.1} → {:.1} MiB", before as f64 / 1048576.0, after as f64 / 1048576.0);
-    Ok(Idle { before, after, held, failed, answered })
+    eprintln!(
+        "  {label}: {held} held ({failed} failed), {answered} answered a ping, RSS {:.1} → {:.1} MiB",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    Ok(Idle {
+        before,
+        after,
+        held,
+        failed,
+        answered,
+    })
 }
 
 fn render(ctx: &Ctx, s: &Samples, notes: &BTreeMap<String, String>) -> String {
@@ -187,23 +223,41 @@ fn render(ctx: &Ctx, s: &Samples, notes: &BTreeMap<String, String>) -> String {
     );
     let nginx = s.median("nginx", "per_conn_kib");
     let sio = s.median("socket.io", "per_conn_kib");
-    let rows: Vec<Vec<String>> = ["ringcast-edge", "nginx", "haproxy", "ringcast-node", "socket.io"]
-        .iter()
-        .map(|l| {
-            let base = if l.ends_with("node") || *l == "socket.io" { sio } else { nginx };
-            vec![
-                (*l).to_owned(),
-                s.cell(l, "per_conn_kib", 2),
-                stats::ratio(s.median(l, "per_conn_kib"), base),
-                s.cell(l, "before_mib", 1),
-                s.cell(l, "after_mib", 1),
-                s.cell(l, "held", 0),
-                s.cell(l, "answered", 0),
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> = [
+        "ringcast-edge",
+        "nginx",
+        "haproxy",
+        "ringcast-node",
+        "socket.io",
+    ]
+    .iter()
+    .map(|l| {
+        let base = if l.ends_with("node") || *l == "socket.io" {
+            sio
+        } else {
+            nginx
+        };
+        vec![
+            (*l).to_owned(),
+            s.cell(l, "per_conn_kib", 2),
+            stats::ratio(s.median(l, "per_conn_kib"), base),
+            s.cell(l, "before_mib", 1),
+            s.cell(l, "after_mib", 1),
+            s.cell(l, "held", 0),
+            s.cell(l, "answered", 0),
+        ]
+    })
+    .collect();
     out += &stats::table(
-        &["target", "KiB per idle conn", "vs nginx / socket.io", "RSS before MiB", "RSS with conns MiB", "held", "answered"],
+        &[
+            "target",
+            "KiB per idle conn",
+            "vs nginx / socket.io",
+            "RSS before MiB",
+            "RSS with conns MiB",
+            "held",
+            "answered",
+        ],
         &rows,
     );
     out += "\n";

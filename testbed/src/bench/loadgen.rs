@@ -43,7 +43,10 @@ pub struct Target {
 impl Target {
     /// A target at `addr` with request path `path`.
     pub fn new(addr: SocketAddr, path: &str) -> Self {
-        Self { addr, path: path.to_owned() }
+        Self {
+            addr,
+            path: path.to_owned(),
+        }
     }
 
     fn url(&self) -> String {
@@ -72,9 +75,10 @@ pub async fn connect_with(
 ) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
-    let stream = socket.connect(target.addr).await.with_context(|| {
-        format!("connect {} from {source}", target.addr)
-    })?;
+    let stream = socket
+        .connect(target.addr)
+        .await
+        .with_context(|| format!("connect {} from {source}", target.addr))?;
     stream.set_nodelay(true)?;
     let (ws, _) = tokio_tungstenite::client_async_with_config(target.url(), stream, Some(config))
         .await
@@ -137,7 +141,11 @@ pub struct Throughput {
 }
 
 /// Saturates `targets`: each connection keeps `window` messages in flight.
-pub async fn throughput(targets: &[Target], load: Load, window: usize) -> anyhow::Result<Throughput> {
+pub async fn throughput(
+    targets: &[Target],
+    load: Load,
+    window: usize,
+) -> anyhow::Result<Throughput> {
     let conns = open_all(targets, &load).await?;
     let counted = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -148,7 +156,10 @@ pub async fn throughput(targets: &[Target], load: Load, window: usize) -> anyhow
     for ws in conns {
         let (counted, errors) = (counted.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            if pump(ws, load.payload, window, measure_from, end, &counted).await.is_err() {
+            if pump(ws, load.payload, window, measure_from, end, &counted)
+                .await
+                .is_err()
+            {
                 errors.fetch_add(1, Ordering::Relaxed);
             }
         }));
@@ -209,10 +220,20 @@ pub async fn latency(targets: &[Target], load: Load, rate: f64) -> anyhow::Resul
     let mut tasks = Vec::new();
     for (i, ws) in conns.into_iter().enumerate() {
         let phase = interval.mul_f64(i as f64 / load.conns as f64);
-        let schedule = Schedule { origin, first: origin + phase, interval, measure_from, end };
+        let schedule = Schedule {
+            origin,
+            first: origin + phase,
+            interval,
+            measure_from,
+            end,
+        };
         tasks.push(tokio::spawn(open_loop(ws, load.payload, schedule)));
     }
-    let mut total = Latency { hist: new_hist(), sent: 0, lost: 0 };
+    let mut total = Latency {
+        hist: new_hist(),
+        sent: 0,
+        lost: 0,
+    };
     for task in tasks {
         let one = task.await??;
         total.hist.add(&one.hist)?;
@@ -255,7 +276,9 @@ async fn open_loop(ws: Ws, size: usize, s: Schedule) -> anyhow::Result<Latency> 
     let mut hist = new_hist();
     while let Ok(Some(msg)) = tokio::time::timeout_at(s.end + DRAIN, source.next()).await {
         let now = Instant::now();
-        let Some(stamp) = stamp_of(&msg?) else { continue };
+        let Some(stamp) = stamp_of(&msg?) else {
+            continue;
+        };
         let due = s.origin + Duration::from_nanos(stamp);
         if due >= s.measure_from {
             hist.record(((now - due).as_micros() as u64).clamp(1, MAX_LATENCY_US))?;
@@ -309,7 +332,11 @@ pub async fn handshakes(
             anyhow::Ok((done, errors, hist))
         }));
     }
-    let mut total = Handshakes { per_s: 0.0, errors: 0, hist: new_hist() };
+    let mut total = Handshakes {
+        per_s: 0.0,
+        errors: 0,
+        hist: new_hist(),
+    };
     for task in tasks {
         let (done, errors, hist) = task.await??;
         total.per_s += done as f64 / duration.as_secs_f64();

@@ -107,7 +107,9 @@ pub struct Common {
 /// Runs `ringcast-testbed bench …`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.which {
-        Which::EchoServer { listen } => tokio::task::spawn_blocking(move || echo::serve(listen)).await?,
+        Which::EchoServer { listen } => {
+            tokio::task::spawn_blocking(move || echo::serve(listen)).await?
+        }
         Which::Hold(hold) => hold::run(hold).await,
         Which::Edge(c) => report::run(&c, &[report::Part::Edge]).await,
         Which::Idle(c) => report::run(&c, &[report::Part::Idle]).await,
@@ -115,7 +117,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Failover(c) => report::run(&c, &[report::Part::Failover]).await,
         Which::Scale(c) => report::run(&c, &[report::Part::Scale]).await,
         Which::All(mut c) => {
-            c.out.get_or_insert_with(|| PathBuf::from("docs/benchmarks.md"));
+            c.out
+                .get_or_insert_with(|| PathBuf::from("docs/benchmarks.md"));
             report::run(&c, &report::Part::ALL).await
         }
     }

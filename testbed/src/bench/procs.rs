@@ -23,14 +23,22 @@ impl Proc {
         let out = std::fs::File::create(log).with_context(|| format!("create {log:?}"))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd.spawn().with_context(|| format!("start {name}: {cmd:?}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {name}: {cmd:?}"))?;
         tracing::debug!(name, pid = child.id(), "started");
-        Ok(Self { name: name.to_owned(), child })
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
     }
 
     /// Wraps a child started elsewhere (for example with piped stdio).
     pub fn adopt(name: &str, child: Child) -> Self {
-        Self { name: name.to_owned(), child }
+        Self {
+            name: name.to_owned(),
+            child,
+        }
     }
 
     /// The process id.
@@ -79,7 +87,9 @@ impl Drop for Proc {
 
 /// PIDs whose parent is `ppid`.
 pub fn children_of(ppid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| stat_fields(*pid).and_then(|f| f.get(1)?.parse().ok()) == Some(ppid))
         .collect()
@@ -145,7 +155,10 @@ pub async fn wait_listening(addr: SocketAddr, within: Duration) -> anyhow::Resul
 pub async fn wait_http_ok(addr: SocketAddr, path: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if http_get(addr, path).await.is_ok_and(|(status, _)| status == 200) {
+        if http_get(addr, path)
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -156,7 +169,9 @@ pub async fn wait_http_ok(addr: SocketAddr, path: &str, within: Duration) -> any
 /// A minimal HTTP/1.1 GET (or POST when `path` starts with "POST ") returning status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (method, path) = path.strip_prefix("POST ").map_or(("GET", path), |p| ("POST", p));
+    let (method, path) = path
+        .strip_prefix("POST ")
+        .map_or(("GET", path), |p| ("POST", p));
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -165,7 +180,14 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }

@@ -83,8 +83,16 @@ pub struct Setup<'a> {
 /// Starts `kind` in front of the backends and waits until it accepts connections.
 pub async fn start(kind: Kind, setup: &Setup<'_>) -> anyhow::Result<Running> {
     if kind == Kind::Direct {
-        let targets = setup.backends.iter().map(|a| Target::new(*a, setup.path)).collect();
-        return Ok(Running { kind, targets, proc: None });
+        let targets = setup
+            .backends
+            .iter()
+            .map(|a| Target::new(*a, setup.path))
+            .collect();
+        return Ok(Running {
+            kind,
+            targets,
+            proc: None,
+        });
     }
     let listen: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
     let dir = setup.dir.join(kind.label());
@@ -99,10 +107,18 @@ pub async fn start(kind: Kind, setup: &Setup<'_>) -> anyhow::Result<Running> {
     if let Err(err) = procs::wait_listening(listen, START_TIMEOUT).await {
         let log = std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
         let alive = proc.alive();
-        anyhow::bail!("{} did not start (alive: {alive}): {err}; log: {}", kind.label(), tail(&log));
+        anyhow::bail!(
+            "{} did not start (alive: {alive}): {err}; log: {}",
+            kind.label(),
+            tail(&log)
+        );
     }
     let targets = vec![Target::new(listen, setup.path)];
-    Ok(Running { kind, targets, proc: Some(proc) })
+    Ok(Running {
+        kind,
+        targets,
+        proc: Some(proc),
+    })
 }
 
 fn tail(log: &str) -> String {
@@ -117,16 +133,28 @@ fn render(template: &str, vars: &[(&str, String)]) -> String {
 }
 
 fn nginx_command(setup: &Setup<'_>, dir: &Path, listen: SocketAddr) -> anyhow::Result<Command> {
-    let servers: Vec<String> = setup.backends.iter().map(|b| format!("        server {b};")).collect();
-    let conf = render(NGINX_TEMPLATE, &[
-        ("WORKERS", setup.workers.to_string()),
-        ("DIR", dir.display().to_string()),
-        ("LISTEN", listen.to_string()),
-        ("SERVERS", servers.join("\n")),
-    ]);
+    let servers: Vec<String> = setup
+        .backends
+        .iter()
+        .map(|b| format!("        server {b};"))
+        .collect();
+    let conf = render(
+        NGINX_TEMPLATE,
+        &[
+            ("WORKERS", setup.workers.to_string()),
+            ("DIR", dir.display().to_string()),
+            ("LISTEN", listen.to_string()),
+            ("SERVERS", servers.join("\n")),
+        ],
+    );
     let file = write(dir, "nginx.conf", &conf)?;
     let mut cmd = Command::new(locate("nginx", &["/usr/sbin/nginx"])?);
-    cmd.arg("-p").arg(dir).arg("-c").arg(file).arg("-e").arg(dir.join("error.log"));
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(file)
+        .arg("-e")
+        .arg(dir.join("error.log"));
     Ok(cmd)
 }
 
@@ -134,11 +162,14 @@ fn haproxy_command(setup: &Setup<'_>, dir: &Path, listen: SocketAddr) -> anyhow:
     let servers: Vec<String> = (setup.backends.iter().enumerate())
         .map(|(i, b)| format!("    server b{i} {b}"))
         .collect();
-    let conf = render(HAPROXY_TEMPLATE, &[
-        ("WORKERS", setup.workers.to_string()),
-        ("LISTEN", listen.to_string()),
-        ("SERVERS", servers.join("\n")),
-    ]);
+    let conf = render(
+        HAPROXY_TEMPLATE,
+        &[
+            ("WORKERS", setup.workers.to_string()),
+            ("LISTEN", listen.to_string()),
+            ("SERVERS", servers.join("\n")),
+        ],
+    );
     let file = write(dir, "haproxy.cfg", &conf)?;
     let mut cmd = Command::new(locate("haproxy", &["/usr/sbin/haproxy"])?);
     cmd.arg("-db").arg("-f").arg(file);
@@ -149,13 +180,16 @@ fn edge_command(setup: &Setup<'_>, dir: &Path, listen: SocketAddr) -> anyhow::Re
     let backends: Vec<String> = (setup.backends.iter().enumerate())
         .map(|(i, b)| format!("[[backends]]\nid = \"b{i}\"\naddress = \"{b}\"\n"))
         .collect();
-    let conf = render(EDGE_TEMPLATE, &[
-        ("WORKERS", setup.workers.to_string()),
-        ("LISTEN", listen.to_string()),
-        ("ADMIN", format!("127.0.0.1:{}", procs::free_port()?)),
-        ("DIR", dir.display().to_string()),
-        ("BACKENDS", backends.join("\n")),
-    ]);
+    let conf = render(
+        EDGE_TEMPLATE,
+        &[
+            ("WORKERS", setup.workers.to_string()),
+            ("LISTEN", listen.to_string()),
+            ("ADMIN", format!("127.0.0.1:{}", procs::free_port()?)),
+            ("DIR", dir.display().to_string()),
+            ("BACKENDS", backends.join("\n")),
+        ],
+    );
     let file = write(dir, "edge.toml", &conf)?;
     let bin = setup.bin_dir.join("ringcast-edge");
     anyhow::ensure!(bin.exists(), "{} is not built", bin.display());
@@ -173,7 +207,10 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
 /// Finds a program on PATH or at one of the usual places.
 pub fn locate(program: &str, fallbacks: &[&str]) -> anyhow::Result<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
-    let found = path.split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists());
+    let found = path
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.exists());
     found
         .or_else(|| fallbacks.iter().map(PathBuf::from).find(|p| p.exists()))
         .with_context(|| format!("{program} is not installed (apt-get install {program})"))

@@ -26,7 +26,13 @@ pub enum Part {
 
 impl Part {
     /// Every part, in report order.
-    pub const ALL: [Part; 5] = [Part::Edge, Part::Idle, Part::Fanout, Part::Failover, Part::Scale];
+    pub const ALL: [Part; 5] = [
+        Part::Edge,
+        Part::Idle,
+        Part::Fanout,
+        Part::Failover,
+        Part::Scale,
+    ];
 }
 
 /// What every benchmark of a run shares.
@@ -66,7 +72,11 @@ impl Ctx {
     /// Path of a Ringcast binary.
     pub fn bin(&self, name: &str) -> anyhow::Result<PathBuf> {
         let path = self.bin_dir.join(name);
-        anyhow::ensure!(path.exists(), "{} is not built (cargo build --release)", path.display());
+        anyhow::ensure!(
+            path.exists(),
+            "{} is not built (cargo build --release)",
+            path.display()
+        );
         Ok(path)
     }
 }
@@ -76,9 +86,17 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
     let self_exe = std::env::current_exe()?;
     let bin_dir = match &common.bin_dir {
         Some(dir) => dir.clone(),
-        None => self_exe.parent().context("binary has no folder")?.to_path_buf(),
+        None => self_exe
+            .parent()
+            .context("binary has no folder")?
+            .to_path_buf(),
     };
-    let ctx = Ctx { common: common.clone(), bin_dir, dir: tempfile::tempdir()?, self_exe };
+    let ctx = Ctx {
+        common: common.clone(),
+        bin_dir,
+        dir: tempfile::tempdir()?,
+        self_exe,
+    };
     let mut doc = header(&ctx);
     for part in parts {
         eprintln!("== bench {part:?} ({})", now_utc());

@@ -21,6 +21,16 @@ pub struct Node {
 /// Starts node `id` on a free port against the Redis Cluster at `redis_urls`.
 pub async fn start_node(ctx: &Ctx, id: &str, redis_urls: &[String]) -> anyhow::Result<Node> {
     let addr: SocketAddr = format!("127.0.0.1:{}", procs::free_port()?).parse()?;
+    start_node_at(ctx, id, addr, redis_urls).await
+}
+
+/// Starts node `id` listening on `addr` (to replace a killed node at the same address).
+pub async fn start_node_at(
+    ctx: &Ctx,
+    id: &str,
+    addr: SocketAddr,
+    redis_urls: &[String],
+) -> anyhow::Result<Node> {
     let urls: Vec<String> = redis_urls.iter().map(|u| format!("\"{u}\"")).collect();
     let conf = NODE_TEMPLATE
         .replace("{{ID}}", id)
@@ -37,5 +47,9 @@ pub async fn start_node(ctx: &Ctx, id: &str, redis_urls: &[String]) -> anyhow::R
         let alive = proc.alive();
         anyhow::bail!("ringcast-node {id} not ready (alive: {alive}): {err}; log: {text}");
     }
-    Ok(Node { proc, addr, id: id.to_owned() })
+    Ok(Node {
+        proc,
+        addr,
+        id: id.to_owned(),
+    })
 }

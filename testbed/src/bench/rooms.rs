@@ -59,8 +59,13 @@ pub async fn connect(stack: Stack, target: &Target, source: Ipv4Addr) -> anyhow:
     let mut ws = loadgen::connect(target, source).await?;
     let server = match stack {
         Stack::Ringcast => {
-            let hello = ClientFrame::Hello { version: 1, token: None, session: None };
-            ws.send(Message::text(serde_json::to_string(&hello)?)).await?;
+            let hello = ClientFrame::Hello {
+                version: 1,
+                token: None,
+                session: None,
+            };
+            ws.send(Message::text(serde_json::to_string(&hello)?))
+                .await?;
             let welcome = next_text(&mut ws, |t| t.contains("\"welcome\"")).await?;
             match serde_json::from_str::<ServerFrame>(&welcome)? {
                 ServerFrame::Welcome { node, .. } => node,
@@ -82,12 +87,19 @@ pub async fn join(stack: Stack, client: &mut Client, room: &str) -> anyhow::Resu
     let ws = &mut client.ws;
     match stack {
         Stack::Ringcast => {
-            let frame = ClientFrame::Join { id: Some(1), room: room.to_owned(), offset: None, epoch: None };
-            ws.send(Message::text(serde_json::to_string(&frame)?)).await?;
+            let frame = ClientFrame::Join {
+                id: Some(1),
+                room: room.to_owned(),
+                offset: None,
+                epoch: None,
+            };
+            ws.send(Message::text(serde_json::to_string(&frame)?))
+                .await?;
             next_text(ws, |t| t.contains("\"joined\"")).await?;
         }
         Stack::Socketio => {
-            ws.send(Message::text(format!("421[\"join\",\"{room}\"]"))).await?;
+            ws.send(Message::text(format!("421[\"join\",\"{room}\"]")))
+                .await?;
             next_text(ws, |t| t.starts_with("431[")).await?;
         }
     }
@@ -95,13 +107,20 @@ pub async fn join(stack: Stack, client: &mut Client, room: &str) -> anyhow::Resu
 }
 
 /// Connects and joins in one step.
-pub async fn member(stack: Stack, target: &Target, source: Ipv4Addr, room: &str) -> anyhow::Result<Client> {
+pub async fn member(
+    stack: Stack,
+    target: &Target,
+    source: Ipv4Addr,
+    room: &str,
+) -> anyhow::Result<Client> {
     let run = async {
         let mut client = connect(stack, target, source).await?;
         join(stack, &mut client, room).await?;
         anyhow::Ok(client)
     };
-    tokio::time::timeout(JOIN_TIMEOUT, run).await.context("join timed out")?
+    tokio::time::timeout(JOIN_TIMEOUT, run)
+        .await
+        .context("join timed out")?
 }
 
 /// The frame that publishes `stamp_ns` to `room`.
@@ -109,7 +128,11 @@ pub fn publish(stack: Stack, room: &str, seq: u64, stamp_ns: u64) -> Message {
     match stack {
         Stack::Ringcast => {
             let data = serde_json::json!({ "t": stamp_ns });
-            let frame = ClientFrame::Publish { id: Some(seq), room: room.to_owned(), data };
+            let frame = ClientFrame::Publish {
+                id: Some(seq),
+                room: room.to_owned(),
+                data,
+            };
             Message::text(serde_json::to_string(&frame).expect("a frame serialises"))
         }
         Stack::Socketio => Message::text(format!("42[\"say\",\"{room}\",\"{stamp_ns}\"]")),
@@ -129,15 +152,15 @@ pub enum Event {
 /// Classifies a text frame received by a member.
 pub fn classify(stack: Stack, text: &str) -> Event {
     match stack {
-        Stack::Ringcast if text.contains("\"type\":\"message\"") => {
-            field_after(text, "\"t\":").and_then(|v| v.parse().ok()).map_or(Event::Other, Event::Delivery)
-        }
+        Stack::Ringcast if text.contains("\"type\":\"message\"") => field_after(text, "\"t\":")
+            .and_then(|v| v.parse().ok())
+            .map_or(Event::Other, Event::Delivery),
         Stack::Ringcast if text.contains("\"type\":\"ping\"") => {
             Event::Heartbeat(Message::text(r#"{"type":"pong"}"#))
         }
-        Stack::Socketio if text.starts_with("42[\"msg\"") => {
-            field_after(text, "\"text\":\"").and_then(|v| v.parse().ok()).map_or(Event::Other, Event::Delivery)
-        }
+        Stack::Socketio if text.starts_with("42[\"msg\"") => field_after(text, "\"text\":\"")
+            .and_then(|v| v.parse().ok())
+            .map_or(Event::Other, Event::Delivery),
         Stack::Socketio if text == "2" => Event::Heartbeat(Message::text("3")),
         _ => Event::Other,
     }
@@ -147,7 +170,9 @@ pub fn classify(stack: Stack, text: &str) -> Event {
 fn field_after(text: &str, key: &str) -> Option<String> {
     let start = text.find(key)? + key.len();
     let rest = text[start..].trim_start_matches('"');
-    let end = rest.find(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_').unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_')
+        .unwrap_or(rest.len());
     Some(rest[..end].to_owned())
 }
 
@@ -170,10 +195,19 @@ mod tests {
     #[test]
     fn stamps_are_read_from_both_protocols() {
         let rc = r#"{"type":"message","room":"r","offset":3,"epoch":"e","from":{"user":"u","conn":"c"},"data":{"t":12345}}"#;
-        assert!(matches!(classify(Stack::Ringcast, rc), Event::Delivery(12345)));
+        assert!(matches!(
+            classify(Stack::Ringcast, rc),
+            Event::Delivery(12345)
+        ));
         let sio = r#"42["msg",{"room":"r","text":"777","from":"x","server":3001}]"#;
-        assert!(matches!(classify(Stack::Socketio, sio), Event::Delivery(777)));
-        assert!(matches!(classify(Stack::Socketio, "2"), Event::Heartbeat(_)));
+        assert!(matches!(
+            classify(Stack::Socketio, sio),
+            Event::Delivery(777)
+        ));
+        assert!(matches!(
+            classify(Stack::Socketio, "2"),
+            Event::Heartbeat(_)
+        ));
     }
 
     #[test]

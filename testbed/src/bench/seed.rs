@@ -31,9 +31,16 @@ impl SeedStack {
             dir.display()
         );
         let redis_ports = free_ports_with_bus(6)?;
-        let node_ports = (0..3).map(|_| procs::free_port()).collect::<Result<Vec<_>, _>>()?;
+        let node_ports = (0..3)
+            .map(|_| procs::free_port())
+            .collect::<Result<Vec<_>, _>>()?;
         let nginx_port = procs::free_port()?;
-        let stack = Self { dir, redis_ports, node_ports, nginx_port };
+        let stack = Self {
+            dir,
+            redis_ports,
+            node_ports,
+            nginx_port,
+        };
         let join = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
         let out = Command::new("bash")
             .arg(stack.dir.join("up.sh"))
@@ -53,7 +60,10 @@ impl SeedStack {
 
     /// `redis://` URLs of the cluster's masters.
     pub fn redis_urls(&self) -> Vec<String> {
-        self.redis_ports[..3].iter().map(|p| format!("redis://127.0.0.1:{p}")).collect()
+        self.redis_ports[..3]
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
     }
 
     /// Address of socket.io server `i`.
@@ -68,7 +78,9 @@ impl SeedStack {
 
     /// PID of socket.io server `i`.
     pub fn node_pid(&self, i: usize) -> anyhow::Result<u32> {
-        let file = self.dir.join(format!(".cache/pids/node-{}.pid", self.node_ports[i]));
+        let file = self
+            .dir
+            .join(format!(".cache/pids/node-{}.pid", self.node_ports[i]));
         let text = std::fs::read_to_string(&file).with_context(|| format!("read {file:?}"))?;
         Ok(text.trim().parse()?)
     }
@@ -86,7 +98,9 @@ impl SeedStack {
     /// PIDs of nginx's master and workers.
     pub fn nginx_pids(&self) -> Vec<u32> {
         let file = self.dir.join(".cache/nginx/nginx.pid");
-        let master: Option<u32> = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse().ok());
+        let master: Option<u32> = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
         master.map_or_else(Vec::new, |m| {
             std::iter::once(m).chain(procs::children_of(m)).collect()
         })
@@ -121,7 +135,8 @@ fn free_ports_with_bus(n: usize) -> anyhow::Result<Vec<u16>> {
     let mut out = Vec::new();
     while out.len() < n {
         let port = procs::free_port()?;
-        let bus_free = port < 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+        let bus_free =
+            port < 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
         if bus_free && !out.contains(&port) {
             out.push(port);
         }

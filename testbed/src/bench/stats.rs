@@ -28,12 +28,19 @@ impl Samples {
     /// "median (min–max)" of `target`'s `metric`, or "–" when not measured.
     pub fn cell(&self, target: &str, metric: &str, digits: usize) -> String {
         let values = self.get(target, metric);
-        let Some(mid) = median(values) else { return "–".to_owned() };
+        let Some(mid) = median(values) else {
+            return "–".to_owned();
+        };
         let (lo, hi) = range(values);
         if values.len() == 1 {
             return fmt(mid, digits);
         }
-        format!("{} ({}–{})", fmt(mid, digits), fmt(lo, digits), fmt(hi, digits))
+        format!(
+            "{} ({}–{})",
+            fmt(mid, digits),
+            fmt(lo, digits),
+            fmt(hi, digits)
+        )
     }
 }
 
@@ -45,7 +52,11 @@ pub fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
-    Some(if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    })
 }
 
 /// Smallest and largest of `values`.
@@ -62,7 +73,9 @@ pub fn fmt(value: f64, digits: usize) -> String {
     }
     if digits == 0 && value.abs() >= 10_000.0 {
         let text = format!("{value:.0}");
-        let (sign, digits_only) = text.strip_prefix('-').map_or(("", text.as_str()), |t| ("-", t));
+        let (sign, digits_only) = text
+            .strip_prefix('-')
+            .map_or(("", text.as_str()), |t| ("-", t));
         let mut out = String::new();
         for (i, c) in digits_only.chars().enumerate() {
             if i > 0 && (digits_only.len() - i) % 3 == 0 {
