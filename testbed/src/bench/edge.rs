@@ -8,6 +8,7 @@
 
 use super::loadgen::{self, Load};
 use super::procs;
+use super::profile::{self, Profile};
 use super::proxies::{self, Kind, Running, Setup};
 use super::report::Ctx;
 use super::stats::{self, Samples};
@@ -41,6 +42,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
     };
     let mut samples = Samples::default();
     let mut skipped = BTreeMap::new();
+    let mut profiles = Vec::new();
     let order = [Kind::Direct, Kind::Ringcast, Kind::Nginx, Kind::Haproxy];
     for round in 0..ctx.common.rounds {
         for k in 0..order.len() {
@@ -50,14 +52,18 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             }
             eprintln!("edge round {round} {}", kind.label());
             match proxies::start(kind, &setup).await {
-                Ok(running) => measure(ctx, &running, &echo_pids, &mut samples).await?,
+                Ok(running) => {
+                    let profile = ctx.common.profile && round == 0 && kind != Kind::Direct;
+                    let profiles = profile.then_some(&mut profiles);
+                    measure(ctx, &running, &echo_pids, &mut samples, profiles).await?;
+                }
                 Err(err) => {
                     skipped.insert(kind.label(), format!("{err:#}"));
                 }
             }
         }
     }
-    Ok(render(ctx, &samples, &skipped))
+    Ok(render(ctx, &samples, &skipped) + &profile::render(&profiles))
 }
 
 fn load(ctx: &Ctx) -> Load {
@@ -75,6 +81,7 @@ async fn measure(
     running: &Running,
     echo_pids: &[u32],
     samples: &mut Samples,
+    profiles: Option<&mut Vec<(String, String)>>,
 ) -> anyhow::Result<()> {
     let label = running.kind.label();
     let load = load(ctx);
@@ -97,6 +104,12 @@ async fn measure(
     samples.push(label, "hs", hs.per_s);
     samples.push(label, "hs_errors", hs.errors as f64);
     cpu.record(samples, label, hs.per_s * load.duration.as_secs_f64(), "hs");
+    if let Some(profiles) = profiles {
+        profiles.push((
+            format!("{label}, echo saturation"),
+            profiled(running, load).await,
+        ));
+    }
     eprintln!(
         "  {label}: {:.0} msg/s, p50 {} µs p99 {} µs (lost {}), {:.0} handshakes/s ({} errors)",
         tp.msgs_per_s,
@@ -107,6 +120,18 @@ async fn measure(
         hs.errors
     );
     Ok(())
+}
+
+/// An extra saturation run (not counted) with `perf` attached to the proxy.
+async fn profiled(running: &Running, load: Load) -> String {
+    let dir = std::env::temp_dir();
+    let run = async {
+        let perf = Profile::start(running.kind.label(), &running.pids(), &dir)?;
+        loadgen::throughput(&running.targets, load, WINDOW).await?;
+        tokio::task::spawn_blocking(move || perf.finish()).await?
+    };
+    run.await
+        .unwrap_or_else(|err| format!("no profile: {err:#}"))
 }
 
 /// CPU seconds of the proxy, the backends and the generator at the start of a run.

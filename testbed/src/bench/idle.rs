@@ -21,6 +21,8 @@ use std::time::Duration;
 const PROXY_MAX_TUNNELS: usize = 9_000;
 /// Connections per holder process.
 const PER_HOLDER: usize = 5_000;
+/// Connections opened and closed before the baseline is taken.
+const WARMUP_CONNS: usize = 200;
 /// Time for memory to settle after the last connection opened.
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -167,7 +169,19 @@ async fn measure(
     count: usize,
     rss: impl Fn() -> u64,
 ) -> anyhow::Result<Idle> {
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A short warm-up batch, opened and closed, so that lazily initialised state (thread
+    // pools, allocator arenas, JIT) is in "before" rather than counted per connection.
+    let warm = HoldArgs {
+        addr,
+        path: path.to_owned(),
+        count: WARMUP_CONNS,
+        spread: 64,
+        first: 0,
+        proto,
+        concurrency: 100,
+    };
+    drop(tokio::task::block_in_place(|| Holder::start(ctx, &warm))?);
+    tokio::time::sleep(SETTLE).await;
     let before = rss();
     let mut holders = Vec::new();
     let mut first = 0;

@@ -22,6 +22,7 @@ pub mod hold;
 pub mod idle;
 pub mod loadgen;
 pub mod procs;
+pub mod profile;
 pub mod proxies;
 pub mod report;
 pub mod ringcast;
@@ -99,6 +100,9 @@ pub struct Common {
     /// The seed stack (nginx + socket.io) folder, set up with its setup.sh.
     #[arg(long, default_value = "~/.cache/ringcast-bench/seed-stack")]
     pub seed_dir: String,
+    /// Take `perf` CPU profiles of the compared processes (first round only).
+    #[arg(long)]
+    pub profile: bool,
     /// Write the markdown report here (`all` defaults to docs/benchmarks.md).
     #[arg(long)]
     pub out: Option<PathBuf>,
