@@ -257,6 +257,18 @@ struct Schedule {
     end: Instant,
 }
 
+impl Schedule {
+    /// How many sends the schedule holds.
+    fn sends(&self) -> u64 {
+        let (mut due, mut n) = (self.first, 0);
+        while due < self.end {
+            n += 1;
+            due += self.interval;
+        }
+        n
+    }
+}
+
 async fn open_loop(ws: Ws, size: usize, s: Schedule) -> anyhow::Result<Latency> {
     let (mut sink, mut source) = ws.split();
     let sender = tokio::spawn(async move {
@@ -274,17 +286,18 @@ async fn open_loop(ws: Ws, size: usize, s: Schedule) -> anyhow::Result<Latency> 
         anyhow::Ok((sink, measured))
     });
     let mut hist = new_hist();
-    while let Ok(Some(msg)) = tokio::time::timeout_at(s.end + DRAIN, source.next()).await {
+    let (total, mut received) = (s.sends(), 0u64);
+    while received < total {
+        let next = tokio::time::timeout_at(s.end + DRAIN, source.next()).await;
+        let Ok(Some(msg)) = next else { break };
         let now = Instant::now();
         let Some(stamp) = stamp_of(&msg?) else {
             continue;
         };
+        received += 1;
         let due = s.origin + Duration::from_nanos(stamp);
         if due >= s.measure_from {
             hist.record(((now - due).as_micros() as u64).clamp(1, MAX_LATENCY_US))?;
-        }
-        if now >= s.end && sender.is_finished() {
-            break;
         }
     }
     let (mut sink, sent) = sender.await??;
@@ -299,7 +312,7 @@ pub struct Handshakes {
     pub per_s: f64,
     /// Failed attempts.
     pub errors: u64,
-    /// Time to complete the upgrade, in microseconds.
+    /// Time of one whole cycle (connect, upgrade, one echo, close), in microseconds.
     pub hist: Histogram<u64>,
 }
 
