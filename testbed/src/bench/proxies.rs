@@ -114,11 +114,31 @@ pub async fn start(kind: Kind, setup: &Setup<'_>) -> anyhow::Result<Running> {
         );
     }
     let targets = vec![Target::new(listen, setup.path)];
+    wait_upgrade(&targets[0])
+        .await
+        .with_context(|| format!("{} never upgraded", kind.label()))?;
     Ok(Running {
         kind,
         targets,
         proc: Some(proc),
     })
+}
+
+/// Waits until a WebSocket upgrade through the proxy succeeds (its health checks may need
+/// a moment to mark the backends up).
+async fn wait_upgrade(target: &Target) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let source = std::net::Ipv4Addr::LOCALHOST;
+        match super::loadgen::connect(target, source).await {
+            Ok(mut ws) => {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+            Err(err) if std::time::Instant::now() > deadline => return Err(err),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 fn tail(log: &str) -> String {
