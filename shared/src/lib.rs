@@ -10,9 +10,11 @@
 //! - [`cluster`]: the state a node shares with its peers (room fan-out, history, presence,
 //!   sessions, the connection and node registries) behind one trait, with a Redis Cluster
 //!   implementation and an in-process memory implementation for a single node.
+//! - [`auth`]: HS256 JWT claims with room patterns, and helpers to mint and verify tokens.
 //! - [`client`]: a Rust client for Ringcast nodes with reconnect and lossless resume.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;

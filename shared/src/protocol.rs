@@ -190,6 +190,10 @@ pub enum ServerFrame {
         /// True when an earlier session was found and its rooms are being restored; each
         /// restored room is then reported with [`ServerFrame::Joined`].
         resumed: bool,
+        /// The rooms being restored from the session (empty when not resumed). A client that
+        /// was in other rooms joins them again itself.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rooms: Vec<String>,
     },
     /// A join (or a room restored from a session) took effect.
     Joined {

@@ -32,8 +32,8 @@ pub fn init(config: &TelemetryConfig) -> Result<(), TelemetryError> {
         Ok(directive) if !directive.is_empty() => parse_filter(&directive)?,
         _ => parse_filter(&config.level)?,
     };
-    tracing_log::LogTracer::init()
-        .map_err(|err| TelemetryError::AlreadyInitialised(err.to_string()))?;
+    // `try_init` below also installs the `log` bridge (tracing-subscriber's default
+    // `tracing-log` feature); installing it here as well made every start fail.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(BoxMakeWriter::new(std::io::stderr));

@@ -224,8 +224,8 @@ async fn upgrade(mut stream: TcpStream, head: Head, echo: Arc<Echo>) -> std::io:
             }
             Message::Text(text) if text.as_str() == "__id__" => Message::text(echo.id.clone()),
             Message::Text(_) | Message::Binary(_) => message,
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            // The library answers a close with the same code and then ends the stream.
+            Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
         if socket.send(reply).await.is_err() {
             break;

@@ -17,7 +17,11 @@ async fn admin_changes_and_reloads_keep_every_tunnel() {
     let edge = Edge::start(&[&b1, &b2, &b3], "", HASH_SID).await;
     let mut tunnels = Vec::new();
     for n in 0..TUNNELS {
-        tunnels.push(ws::connect(&edge.ws_url(&format!("/?sid=t{n}"))).await.unwrap());
+        tunnels.push(
+            ws::connect(&edge.ws_url(&format!("/?sid=t{n}")))
+                .await
+                .unwrap(),
+        );
     }
     let on_b3 = tunnels.iter().filter(|(_, id)| id == "b3").count();
     assert!(on_b3 > 0);
@@ -25,23 +29,50 @@ async fn admin_changes_and_reloads_keep_every_tunnel() {
     // Reload by SIGHUP with a fourth backend added.
     let b4 = Echo::start("b4");
     let text = std::fs::read_to_string(&edge.config_path).unwrap();
-    std::fs::write(&edge.config_path, format!("{text}\n{}", backends_toml(&[&b4]))).unwrap();
-    let status = Command::new("kill").arg("-HUP").arg(edge.pid().to_string()).status().unwrap();
+    std::fs::write(
+        &edge.config_path,
+        format!("{text}\n{}", backends_toml(&[&b4])),
+    )
+    .unwrap();
+    let status = Command::new("kill")
+        .arg("-HUP")
+        .arg(edge.pid().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     wait_for(|| async { edge.backend("b4").await["id"] == "b4" }).await;
 
     // Drain, undrain, remove b3 (its tunnels stay), reload by admin call.
-    assert_eq!(edge.admin("POST", "/backends/b1/drain", "").await.status, 200);
-    assert_eq!(edge.admin("POST", "/backends/b1/undrain", "").await.status, 200);
+    assert_eq!(
+        edge.admin("POST", "/backends/b1/drain", "").await.status,
+        200
+    );
+    assert_eq!(
+        edge.admin("POST", "/backends/b1/undrain", "").await.status,
+        200
+    );
     assert_eq!(edge.admin("DELETE", "/backends/b3", "").await.status, 200);
     assert_eq!(edge.admin("POST", "/reload", "").await.status, 200);
-    assert_eq!(edge.admin("POST", "/backends/nope/drain", "").await.status, 404);
-    let bad = edge.admin("POST", "/backends", "{\"id\":\"x\",\"address\":\"nonsense\"}").await;
+    assert_eq!(
+        edge.admin("POST", "/backends/nope/drain", "").await.status,
+        404
+    );
+    let bad = edge
+        .admin(
+            "POST",
+            "/backends",
+            "{\"id\":\"x\",\"address\":\"nonsense\"}",
+        )
+        .await;
     assert_eq!(bad.status, 400);
 
     for (n, (client, id)) in tunnels.iter_mut().enumerate() {
         let text = format!("after-{n}");
-        assert_eq!(ws::roundtrip(client, &text).await, Ok(text), "tunnel {n} on {id}");
+        assert_eq!(
+            ws::roundtrip(client, &text).await,
+            Ok(text),
+            "tunnel {n} on {id}"
+        );
     }
     let active = edge.metric("ringcast_edge_tunnels_active").await;
     assert_eq!(active as usize, TUNNELS);
@@ -56,7 +87,11 @@ async fn broken_reload_is_rejected_with_the_reason() {
     let b1 = Echo::start("b1");
     let edge = Edge::start(&[&b1], "", "").await;
     let text = std::fs::read_to_string(&edge.config_path).unwrap();
-    std::fs::write(&edge.config_path, text.replace("[log]", "[log]\nlevel = \"info\"\nbogus = 1\n#")).unwrap();
+    std::fs::write(
+        &edge.config_path,
+        text.replace("[log]", "[log]\nlevel = \"info\"\nbogus = 1\n#"),
+    )
+    .unwrap();
     let answer = edge.admin("POST", "/reload", "").await;
     assert_eq!(answer.status, 422);
     assert!(answer.body.contains("edge.toml"), "{}", answer.body);

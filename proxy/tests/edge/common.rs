@@ -31,7 +31,9 @@ impl Echo {
             .expect("spawn ringcast-echo");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("echo prints its address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("echo prints its address");
         let address = line
             .trim()
             .strip_prefix("listening on ")
@@ -62,7 +64,9 @@ impl Echo {
     /// Makes `/readyz` answer 503 (`true`) or 200.
     pub async fn set_draining(&self, draining: bool) {
         let path = if draining { "/drain" } else { "/undrain" };
-        let answer = http(self.address, "POST", path, &[]).await.expect("echo control");
+        let answer = http(self.address, "POST", path, &[])
+            .await
+            .expect("echo control");
         assert_eq!(answer.status, 200);
     }
 }
@@ -75,11 +79,16 @@ impl Drop for Echo {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Health checks fast enough for tests (unless a test brings its own `[health]`).
-const FAST_HEALTH: &str = "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n";
+const FAST_HEALTH: &str =
+    "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\n";
 
 static EDGE_SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -96,7 +105,12 @@ pub struct Edge {
 pub fn backends_toml(echoes: &[&Echo]) -> String {
     echoes
         .iter()
-        .map(|e| format!("[[backends]]\nid = \"{}\"\naddress = \"{}\"\n", e.id, e.address))
+        .map(|e| {
+            format!(
+                "[[backends]]\nid = \"{}\"\naddress = \"{}\"\n",
+                e.id, e.address
+            )
+        })
         .collect()
 }
 
@@ -105,7 +119,8 @@ impl Edge {
     /// `server_extra` goes into `[server]`) and the given backends.
     pub async fn start(echoes: &[&Echo], server_extra: &str, extra: &str) -> Self {
         let seq = EDGE_SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ringcast-edge-test-{}-{seq}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ringcast-edge-test-{}-{seq}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -115,7 +130,11 @@ impl Edge {
              [admin]\nlisten = \"{admin}\"\n\n{}\n{}\n{extra}\n[log]\nlevel = \"info\"\n",
             dir.join("upgrade.sock").display(),
             dir.join("edge.pid").display(),
-            if extra.contains("[health]") { "" } else { FAST_HEALTH },
+            if extra.contains("[health]") {
+                ""
+            } else {
+                FAST_HEALTH
+            },
             backends_toml(echoes),
         );
         let config_path = dir.join("edge.toml");
@@ -155,7 +174,11 @@ impl Edge {
             if proxy_up && admin_up {
                 return;
             }
-            assert!(Instant::now() < deadline, "edge did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "edge did not start: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -170,7 +193,9 @@ impl Edge {
 
     /// Admin call; returns the answer.
     pub async fn admin(&self, method: &str, path: &str, body: &str) -> Answer {
-        http_body(self.admin, method, path, &[], body).await.expect("admin answers")
+        http_body(self.admin, method, path, &[], body)
+            .await
+            .expect("admin answers")
     }
 
     /// State of backend `id` as the admin API reports it.
@@ -230,7 +255,12 @@ impl Answer {
     }
 }
 
-pub async fn http(to: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<Answer> {
+pub async fn http(
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Answer> {
     http_body(to, method, path, headers, "").await
 }
 
@@ -265,12 +295,19 @@ fn parse_answer(raw: &[u8]) -> Option<Answer> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
     };
-    Some(Answer { status, headers, body })
+    Some(Answer {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -288,7 +325,9 @@ fn dechunk(mut body: &str) -> String {
 
 /// Which backend serves `key` (by the `sid` query parameter), via a plain GET.
 pub async fn owner(edge: &Edge, key: &str) -> String {
-    let answer = http(edge.listen, "GET", &format!("/?sid={key}"), &[]).await.expect("edge answers");
+    let answer = http(edge.listen, "GET", &format!("/?sid={key}"), &[])
+        .await
+        .expect("edge answers");
     assert_eq!(answer.status, 200, "{answer:?}");
     answer.body.trim().to_owned()
 }

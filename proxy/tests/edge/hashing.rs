@@ -17,7 +17,11 @@ fn only_moved_from(before: &[String], after: &[String], gone: &str) -> usize {
             moved += 1;
         }
     }
-    assert_eq!(moved, before.iter().filter(|b| *b == gone).count(), "all of {gone}'s keys moved");
+    assert_eq!(
+        moved,
+        before.iter().filter(|b| *b == gone).count(),
+        "all of {gone}'s keys moved"
+    );
     moved
 }
 
@@ -33,9 +37,15 @@ async fn keys_move_only_from_the_affected_backend() {
     }
 
     // Drain by admin: b2's keys move, and come back on undrain.
-    assert_eq!(edge.admin("POST", "/backends/b2/drain", "").await.status, 200);
+    assert_eq!(
+        edge.admin("POST", "/backends/b2/drain", "").await.status,
+        200
+    );
     only_moved_from(&baseline, &owners(&edge, KEYS).await, "b2");
-    assert_eq!(edge.admin("POST", "/backends/b2/undrain", "").await.status, 200);
+    assert_eq!(
+        edge.admin("POST", "/backends/b2/undrain", "").await.status,
+        200
+    );
     assert_eq!(owners(&edge, KEYS).await, baseline);
 
     // Kill: b3's keys move once it is seen down (passively or by the checks).
@@ -59,9 +69,17 @@ async fn keys_move_only_from_the_affected_backend() {
     assert_eq!(edge.admin("POST", "/backends", &body).await.status, 200);
     let grown = owners(&edge, KEYS).await;
     let moved = baseline.iter().zip(&grown).filter(|(b, a)| b != a).count();
-    assert!(grown.iter().zip(&baseline).all(|(g, b)| g == b || g == "b4"));
+    assert!(
+        grown
+            .iter()
+            .zip(&baseline)
+            .all(|(g, b)| g == b || g == "b4")
+    );
     let share = moved as f64 / KEYS as f64;
-    assert!((share - 0.25).abs() < 0.08, "adding one of four moved {share}");
+    assert!(
+        (share - 0.25).abs() < 0.08,
+        "adding one of four moved {share}"
+    );
     drop(echoes);
 }
 
@@ -74,13 +92,22 @@ async fn weight_zero_keeps_tunnels_and_failover_still_works() {
     let c = Echo::start("c");
     let edge = Edge::start(&[&a, &b, &c], "", HASH_SID).await;
     let baseline = owners(&edge, 300).await;
-    let key_of_c = baseline.iter().position(|o| o == "c").expect("c owns a key");
-    let (mut tunnel, id) = ws::connect(&edge.ws_url(&format!("/ws?sid=key-{key_of_c}"))).await.unwrap();
+    let key_of_c = baseline
+        .iter()
+        .position(|o| o == "c")
+        .expect("c owns a key");
+    let (mut tunnel, id) = ws::connect(&edge.ws_url(&format!("/ws?sid=key-{key_of_c}")))
+        .await
+        .unwrap();
     assert_eq!(id, "c");
 
     let text = std::fs::read_to_string(&edge.config_path).unwrap();
     let marker = format!("id = \"c\"\naddress = \"{}\"\n", c.address);
-    std::fs::write(&edge.config_path, text.replace(&marker, &format!("{marker}weight = 0\n"))).unwrap();
+    std::fs::write(
+        &edge.config_path,
+        text.replace(&marker, &format!("{marker}weight = 0\n")),
+    )
+    .unwrap();
     let reload = edge.admin("POST", "/reload", "").await;
     assert_eq!(reload.status, 200, "{}", reload.body);
 

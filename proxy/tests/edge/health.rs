@@ -17,7 +17,9 @@ async fn draining_backend_keeps_its_tunnel_and_gets_no_new_clients() {
     let edge = Edge::start(&[&b1, &b2], "", HASH_SID).await;
     let baseline = owners(&edge, 200).await;
     let key = baseline.iter().position(|o| o == "b1").unwrap();
-    let (mut tunnel, id) = ws::connect(&edge.ws_url(&format!("/?sid=key-{key}"))).await.unwrap();
+    let (mut tunnel, id) = ws::connect(&edge.ws_url(&format!("/?sid=key-{key}")))
+        .await
+        .unwrap();
     assert_eq!(id, "b1");
 
     b1.set_draining(true).await;
@@ -44,7 +46,9 @@ async fn dead_backends_are_skipped_and_none_healthy_is_a_quick_503() {
     edge.wait_state("b1", "down").await;
     edge.wait_state("b2", "down").await;
     for k in 0..300 {
-        let (_client, id) = ws::connect(&edge.ws_url(&format!("/?sid=k{k}"))).await.unwrap();
+        let (_client, id) = ws::connect(&edge.ws_url(&format!("/?sid=k{k}")))
+            .await
+            .unwrap();
         assert_eq!(id, "b3", "key k{k}");
     }
 
@@ -53,7 +57,11 @@ async fn dead_backends_are_skipped_and_none_healthy_is_a_quick_503() {
     let started = Instant::now();
     let answer = http(edge.listen, "GET", "/?sid=x", &[]).await.unwrap();
     assert_eq!(answer.status, 503);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// 2,000 new WebSocket connections, 200 at a time, with a backend SIGKILLed after 500:
@@ -74,11 +82,13 @@ async fn no_failed_handshake_while_a_backend_dies() {
             async move {
                 let outcome = match ws::connect(&format!("{url}?sid=c{n}")).await {
                     Err(err) => Err(format!("handshake of c{n} failed: {err}")),
-                    Ok((mut client, id)) => match ws::roundtrip(&mut client, &format!("m{n}")).await {
-                        Ok(reply) if reply == format!("m{n}") => Ok(None),
-                        Ok(reply) => Err(format!("c{n} got {reply}")),
-                        Err(_) => Ok(Some(id)),
-                    },
+                    Ok((mut client, id)) => {
+                        match ws::roundtrip(&mut client, &format!("m{n}")).await {
+                            Ok(reply) if reply == format!("m{n}") => Ok(None),
+                            Ok(reply) => Err(format!("c{n} got {reply}")),
+                            Err(_) => Ok(Some(id)),
+                        }
+                    }
                 };
                 done.fetch_add(1, Ordering::Relaxed);
                 outcome
@@ -95,10 +105,25 @@ async fn no_failed_handshake_while_a_backend_dies() {
     let (results, ()) = tokio::join!(run, killer);
 
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failures.is_empty(), "{} failed, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    let cut: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()?.as_ref()).collect();
-    assert!(cut.iter().all(|id| *id == "b2"), "only tunnels on the killed backend may be cut: {cut:?}");
-    assert!(edge.metric("ringcast_edge_upstream_connect_failures_total").await >= 1.0);
+    assert!(
+        failures.is_empty(),
+        "{} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let cut: Vec<&String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok()?.as_ref())
+        .collect();
+    assert!(
+        cut.iter().all(|id| *id == "b2"),
+        "only tunnels on the killed backend may be cut: {cut:?}"
+    );
+    assert!(
+        edge.metric("ringcast_edge_upstream_connect_failures_total")
+            .await
+            >= 1.0
+    );
 }
 
 /// Application 4xx answers never count as backend failures; passive ejection is capped at
@@ -114,7 +139,9 @@ async fn app_errors_never_eject_and_passive_ejections_are_capped() {
     let baseline = owners(&edge, 300).await;
     for k in 0..300 {
         let path = format!("/?sid=key-{k}");
-        let answer = http(edge.listen, "GET", &path, &[("x-echo-status", "400")]).await.unwrap();
+        let answer = http(edge.listen, "GET", &path, &[("x-echo-status", "400")])
+            .await
+            .unwrap();
         assert_eq!(answer.status, 400);
     }
     for id in ["b1", "b2", "b3"] {
@@ -125,8 +152,14 @@ async fn app_errors_never_eject_and_passive_ejections_are_capped() {
     b1.kill();
     b2.kill();
     let after = owners(&edge, 300).await;
-    assert!(after.iter().all(|o| o == "b3"), "every request reached the survivor");
-    let states = [edge.backend("b1").await["state"].clone(), edge.backend("b2").await["state"].clone()];
+    assert!(
+        after.iter().all(|o| o == "b3"),
+        "every request reached the survivor"
+    );
+    let states = [
+        edge.backend("b1").await["state"].clone(),
+        edge.backend("b2").await["state"].clone(),
+    ];
     let ejected = states.iter().filter(|s| *s == "down").count();
     assert_eq!(ejected, 1, "at most one passive ejection: {states:?}");
     assert_eq!(owner(&edge, "key-0").await, "b3");

@@ -26,22 +26,40 @@ fn upgrade_head(edge: &Edge, connection: &str, upgrade: &str) -> String {
 async fn upgrade_variants_reach_the_backend_intact() {
     let echo = Echo::start("b1");
     let edge = Edge::start(&[&echo], "", "").await;
-    for (connection, upgrade) in [("keep-alive, Upgrade", "WebSocket"), ("upgrade", "websocket")] {
-        let (stream, head) = ws::raw_handshake(edge.listen, &upgrade_head(&edge, connection, upgrade)).await;
+    for (connection, upgrade) in [
+        ("keep-alive, Upgrade", "WebSocket"),
+        ("upgrade", "websocket"),
+    ] {
+        let (stream, head) =
+            ws::raw_handshake(edge.listen, &upgrade_head(&edge, connection, upgrade)).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.to_ascii_lowercase().contains("sec-websocket-protocol: chat\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-protocol: chat\r\n"),
+            "{head}"
+        );
         let mut client = ws::client_over(stream).await;
         let seen: serde_json::Value =
-            serde_json::from_str(&ws::roundtrip(&mut client, "__headers__").await.unwrap()).unwrap();
+            serde_json::from_str(&ws::roundtrip(&mut client, "__headers__").await.unwrap())
+                .unwrap();
         let headers = &seen["headers"];
         assert_eq!(seen["version"], "HTTP/1.1");
-        assert_eq!(headers["upgrade"][0].as_str().unwrap().to_ascii_lowercase(), "websocket");
-        let conn = headers["connection"][0].as_str().unwrap().to_ascii_lowercase();
+        assert_eq!(
+            headers["upgrade"][0].as_str().unwrap().to_ascii_lowercase(),
+            "websocket"
+        );
+        let conn = headers["connection"][0]
+            .as_str()
+            .unwrap()
+            .to_ascii_lowercase();
         assert!(conn.contains("upgrade"), "{conn}");
         assert_eq!(headers["sec-websocket-key"][0], KEY);
         assert_eq!(headers["sec-websocket-version"][0], "13");
         assert_eq!(headers["sec-websocket-protocol"][0], "chat, superchat");
-        assert_eq!(headers["x-forwarded-for"][0], "127.0.0.1", "untrusted XFF replaced");
+        assert_eq!(
+            headers["x-forwarded-for"][0], "127.0.0.1",
+            "untrusted XFF replaced"
+        );
         assert_eq!(headers["x-forwarded-proto"][0], "http");
         assert_eq!(headers["x-request-id"][0].as_str().unwrap().len(), 36);
         assert_eq!(ws::roundtrip(&mut client, "hello").await.unwrap(), "hello");
@@ -54,15 +72,28 @@ async fn upgrade_variants_reach_the_backend_intact() {
 async fn non_101_answers_and_plain_requests_pass_unchanged() {
     let echo = Echo::start("b1");
     let edge = Edge::start(&[&echo], "", "").await;
-    let head = format!("{}\r\nx-echo-status: 403", upgrade_head(&edge, "Upgrade", "websocket"));
+    let head = format!(
+        "{}\r\nx-echo-status: 403",
+        upgrade_head(&edge, "Upgrade", "websocket")
+    );
     let (mut stream, answer) = ws::raw_handshake(edge.listen, &head).await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
-    assert!(answer.to_ascii_lowercase().contains("x-echo-id: b1"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("x-echo-id: b1"),
+        "{answer}"
+    );
     let mut body = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut body)).await;
     assert_eq!(String::from_utf8_lossy(&body), "b1\n");
 
-    let plain = http(edge.listen, "GET", "/headers", &[("Connection", "keep-alive")]).await.unwrap();
+    let plain = http(
+        edge.listen,
+        "GET",
+        "/headers",
+        &[("Connection", "keep-alive")],
+    )
+    .await
+    .unwrap();
     assert_eq!(plain.status, 200);
     let seen: serde_json::Value = serde_json::from_str(&plain.body).unwrap();
     assert!(seen["headers"].get("upgrade").is_none(), "{seen}");
@@ -73,10 +104,18 @@ async fn non_101_answers_and_plain_requests_pass_unchanged() {
 async fn forwarding_headers_are_trusted_only_from_configured_proxies() {
     let echo = Echo::start("b1");
     let edge = Edge::start(&[&echo], "trusted_proxies = [\"127.0.0.0/8\"]", "").await;
-    let headers = [("X-Forwarded-For", "198.51.100.4"), ("X-Forwarded-Proto", "https")];
-    let answer = http(edge.listen, "GET", "/headers", &headers).await.unwrap();
+    let headers = [
+        ("X-Forwarded-For", "198.51.100.4"),
+        ("X-Forwarded-Proto", "https"),
+    ];
+    let answer = http(edge.listen, "GET", "/headers", &headers)
+        .await
+        .unwrap();
     let seen: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
-    assert_eq!(seen["headers"]["x-forwarded-for"][0], "198.51.100.4, 127.0.0.1");
+    assert_eq!(
+        seen["headers"]["x-forwarded-for"][0],
+        "198.51.100.4, 127.0.0.1"
+    );
     assert_eq!(seen["headers"]["x-forwarded-proto"][0], "https");
 }
 
@@ -85,7 +124,12 @@ async fn forwarding_headers_are_trusted_only_from_configured_proxies() {
 #[tokio::test]
 async fn idle_tunnel_outlives_the_http_read_timeout() {
     let echo = Echo::start("b1");
-    let edge = Edge::start(&[&echo], "http_read_timeout = \"1s\"", "[tunnel]\nidle_timeout = \"0s\"\n").await;
+    let edge = Edge::start(
+        &[&echo],
+        "http_read_timeout = \"1s\"",
+        "[tunnel]\nidle_timeout = \"0s\"\n",
+    )
+    .await;
     let (mut client, _) = ws::connect(&edge.ws_url("/ws")).await.unwrap();
 
     let mut stalled = tokio::net::TcpStream::connect(edge.listen).await.unwrap();
@@ -93,10 +137,16 @@ async fn idle_tunnel_outlives_the_http_read_timeout() {
     stalled.write_all(head.as_bytes()).await.unwrap();
     let mut sink = Vec::new();
     let cut = tokio::time::timeout(Duration::from_secs(4), stalled.read_to_end(&mut sink)).await;
-    assert!(cut.is_ok(), "a stalled plain request is cut by http_read_timeout");
+    assert!(
+        cut.is_ok(),
+        "a stalled plain request is cut by http_read_timeout"
+    );
 
     tokio::time::sleep(Duration::from_millis(5500)).await;
-    assert_eq!(ws::roundtrip(&mut client, "still here").await.unwrap(), "still here");
+    assert_eq!(
+        ws::roundtrip(&mut client, "still here").await.unwrap(),
+        "still here"
+    );
 }
 
 /// The explicit tunnel idle timeout closes a silent tunnel, logs the reason and counts it.
@@ -108,7 +158,11 @@ async fn tunnel_idle_timeout_is_logged_and_counted() {
     let ended = tokio::time::timeout(Duration::from_secs(5), client.next()).await;
     assert!(ended.is_ok(), "the tunnel was closed");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(edge.metric("ringcast_edge_tunnel_idle_timeouts_total").await, 1.0);
+    assert_eq!(
+        edge.metric("ringcast_edge_tunnel_idle_timeouts_total")
+            .await,
+        1.0
+    );
     assert!(edge.log().contains("idle timeout"), "{}", edge.log());
 }
 
@@ -127,7 +181,9 @@ async fn large_messages_pass_intact_both_ways() {
     for size in [1 << 20, (4 << 20) + 1, 16 << 20] {
         let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
         client.send(Message::binary(payload.clone())).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(30), client.next()).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(30), client.next())
+            .await
+            .unwrap();
         match reply {
             Some(Ok(Message::Binary(data))) => assert!(data == payload, "size {size} changed"),
             other => panic!("size {size}: {other:?}"),
@@ -142,9 +198,14 @@ async fn close_frames_never_carry_reserved_codes() {
     let mut echo = Echo::start("b1");
     let edge = Edge::start(&[&echo], "", "").await;
     let (mut client, _) = ws::connect(&edge.ws_url("/ws")).await.unwrap();
-    let frame = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    };
     client.send(Message::Close(Some(frame))).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.next())
+        .await
+        .unwrap();
     match reply {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
         other => panic!("expected the echoed close: {other:?}"),
@@ -152,9 +213,14 @@ async fn close_frames_never_carry_reserved_codes() {
 
     let (mut client, _) = ws::connect(&edge.ws_url("/ws")).await.unwrap();
     echo.kill();
-    let end = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), client.next())
+        .await
+        .unwrap();
     if let Some(Ok(Message::Close(Some(frame)))) = &end {
         let code = u16::from(frame.code);
-        assert!(![1005, 1006, 1015].contains(&code), "reserved close code {code}");
+        assert!(
+            ![1005, 1006, 1015].contains(&code),
+            "reserved close code {code}"
+        );
     }
 }

@@ -19,7 +19,10 @@ pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// Returns the stream (positioned after the head) and the head text.
 pub async fn raw_handshake(to: SocketAddr, head: &str) -> (TcpStream, String) {
     let mut stream = TcpStream::connect(to).await.unwrap();
-    stream.write_all(format!("{head}\r\n\r\n").as_bytes()).await.unwrap();
+    stream
+        .write_all(format!("{head}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
     while !answer.ends_with(b"\r\n\r\n") {
@@ -27,7 +30,11 @@ pub async fn raw_handshake(to: SocketAddr, head: &str) -> (TcpStream, String) {
             .await
             .expect("answer in time")
             .unwrap();
-        assert!(n > 0, "closed before the answer head: {:?}", String::from_utf8_lossy(&answer));
+        assert!(
+            n > 0,
+            "closed before the answer head: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
         answer.push(byte[0]);
     }
     (stream, String::from_utf8(answer).unwrap())
@@ -55,7 +62,10 @@ pub async fn roundtrip<S>(client: &mut WebSocketStream<S>, text: &str) -> Result
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    client.send(Message::text(text)).await.map_err(|e| e.to_string())?;
+    client
+        .send(Message::text(text))
+        .await
+        .map_err(|e| e.to_string())?;
     let next = tokio::time::timeout(Duration::from_secs(10), client.next()).await;
     match next {
         Ok(Some(Ok(Message::Text(reply)))) => Ok(reply.as_str().to_owned()),
@@ -70,7 +80,11 @@ pub async fn connect_status(edge: &crate::common::Edge) -> (u16, Option<String>)
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13"
     );
     let (_stream, answer) = raw_handshake(edge.listen, &head).await;
-    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let retry = answer
         .split("\r\n")
         .filter_map(|l| l.split_once(':'))

@@ -27,6 +27,24 @@ use tokio::sync::mpsc;
 
 use crate::protocol::{ClientInfo, Epoch, Offset, PresenceChange, PresenceMember};
 
+pub mod memory;
+pub mod redis;
+
+/// Capacity of the [`ClusterEvents`] channel. When the node reads slower than events
+/// arrive, delivery waits (events are queued, never dropped).
+pub const EVENT_CHANNEL_CAPACITY: usize = 4096;
+
+/// A fresh random epoch.
+pub(crate) fn new_epoch() -> Epoch {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Milliseconds since the Unix epoch, by this machine's clock.
+pub fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A message stored in a room's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Publication {
@@ -266,8 +284,8 @@ pub async fn connect(
     config: &crate::config::ClusterConfig,
     node: NodeInfo,
 ) -> ClusterResult<(Arc<dyn ClusterState>, ClusterEvents)> {
-    let _ = (config, node);
-    Err(ClusterError::Config(
-        "no cluster implementation is compiled in yet".to_owned(),
-    ))
+    if config.nodes.is_empty() {
+        return Ok(memory::MemoryHub::new().connect(config, node));
+    }
+    redis::connect(config, node).await
 }

@@ -11,6 +11,7 @@
 mod cluster;
 mod edge;
 mod error;
+mod node;
 mod telemetry;
 
 pub use cluster::{AckMode, ClusterConfig};
@@ -19,6 +20,10 @@ pub use edge::{
     MAX_WEIGHT, ServerConfig, TunnelConfig, parse_network, valid_id, validate_backends,
 };
 pub use error::{ConfigError, FieldError};
+pub use node::{
+    AuthConfig, AuthMode, DrainConfig, LimitsConfig as NodeLimitsConfig, MIN_SECRET_LEN,
+    NodeConfig, NodeSection,
+};
 pub use telemetry::{LogFormat, TelemetryConfig};
 
 use serde::de::DeserializeOwned;
