@@ -145,12 +145,29 @@ impl Shared {
         run_all(presence).await?;
         let users = connections
             .into_iter()
-            .map(|(user, conns)| async move { registry::register(self, &user, &conns).await });
+            .map(|(user, conns)| async move { self.refresh_connections(&user, conns).await });
         run_all(users).await?;
         let sweeps = rooms
             .into_iter()
             .map(|room| async move { presence::list(self, &room).await.map(drop) });
         run_all(sweeps).await
+    }
+}
+
+impl Shared {
+    /// Extends this node's connections of `user`; one unregistered while the refresh ran
+    /// (and re-added by it) is removed again.
+    async fn refresh_connections(&self, user: &str, conns: Vec<String>) -> ClusterResult<()> {
+        registry::register(self, user, &conns).await?;
+        let gone: Vec<String> = {
+            let owned = self.owned();
+            let still = |c: &String| owned.connections.get(user).is_some_and(|s| s.contains(c));
+            conns.into_iter().filter(|c| !still(c)).collect()
+        };
+        for conn in gone {
+            registry::unregister(self, user, &conn).await?;
+        }
+        Ok(())
     }
 }
 
