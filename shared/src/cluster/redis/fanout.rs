@@ -242,7 +242,8 @@ impl Pump {
             }
             Ok(Replay::NotRecoverable(now)) => {
                 self.to_check.remove(room);
-                self.restart(room, now, &position.epoch).await;
+                self.restart(room, now, &position.epoch, incoming.as_ref())
+                    .await;
                 if let Some(publication) = incoming {
                     self.deliver_next(publication).await;
                 }
@@ -255,8 +256,15 @@ impl Pump {
     }
 
     /// History lost continuity: report the gap and continue from the new epoch's start
-    /// when it is still complete, else from where the room stands now.
-    async fn restart(&mut self, room: &str, now: RoomPosition, old_epoch: &str) {
+    /// when it is still complete, else just before the live message that revealed the
+    /// gap (so that it is still delivered), else from where the room stands now.
+    async fn restart(
+        &mut self,
+        room: &str,
+        now: RoomPosition,
+        old_epoch: &str,
+        incoming: Option<&Publication>,
+    ) {
         let fresh = if now.epoch == old_epoch {
             None
         } else {
@@ -272,7 +280,16 @@ impl Pump {
                 };
                 (start, all)
             }
-            _ => (now, Vec::new()),
+            _ => match incoming {
+                Some(live) if live.epoch == now.epoch && live.offset <= now.offset => {
+                    let before = RoomPosition {
+                        epoch: now.epoch,
+                        offset: live.offset - 1,
+                    };
+                    (before, Vec::new())
+                }
+                _ => (now, Vec::new()),
+            },
         };
         warn!(room, epoch = %position.epoch, offset = position.offset, "room history gap");
         self.rooms
