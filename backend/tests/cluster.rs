@@ -245,7 +245,9 @@ async fn redis_master_failover_mid_stream_leaves_no_silent_gap() {
     let mut spawned = Vec::new();
     for id in ["n1", "n2"] {
         let spec = Spec::new(id)
-            .redis(&cluster.seed_urls(), &prefix, "ack = \"replicated\"")
+            // With `replicated`, writes after the failover would wait for a replica that
+            // never comes back; `leader` acks are what the field case describes.
+            .redis(&cluster.seed_urls(), &prefix, "ack = \"leader\"")
             .limits("publish_rate_per_sec = 1000.0\npublish_burst = 1000");
         spawned.push(NodeProcess::start(&spec).await);
     }
