@@ -15,7 +15,11 @@ use tokio::time::{Instant, timeout};
 
 const STEP: Duration = Duration::from_secs(20);
 
-async fn nodes(cluster: &RedisCluster, count: usize, tune: impl Fn(Spec) -> Spec) -> Vec<NodeProcess> {
+async fn nodes(
+    cluster: &RedisCluster,
+    count: usize,
+    tune: impl Fn(Spec) -> Spec,
+) -> Vec<NodeProcess> {
     let prefix = unique_prefix();
     let mut started = Vec::new();
     for index in 1..=count {
@@ -56,9 +60,14 @@ async fn collect(events: &mut Events, last: u64, within: Duration) -> Seen {
         };
         match event {
             Event::Message { offset, .. } => seen.offsets.push(offset),
-            Event::Resumed { status: ResumeStatus::NotRecovered, .. } => seen.not_recovered = true,
+            Event::Resumed {
+                status: ResumeStatus::NotRecovered,
+                ..
+            } => seen.not_recovered = true,
             Event::Connected { resumed: true, .. } => seen.resumed_sessions += 1,
-            Event::Disconnected { code: Some(code), .. } => seen.close_codes.push(code),
+            Event::Disconnected {
+                code: Some(code), ..
+            } => seen.close_codes.push(code),
             _ => {}
         }
     }
@@ -67,7 +76,12 @@ async fn collect(events: &mut Events, last: u64, within: Duration) -> Seen {
 
 /// Publishes `count` messages through `publisher`, retrying retryable failures; returns
 /// the acked offsets.
-async fn publish_all(publisher: Client, room: &'static str, count: u64, pace: Duration) -> Vec<u64> {
+async fn publish_all(
+    publisher: Client,
+    room: &'static str,
+    count: u64,
+    pace: Duration,
+) -> Vec<u64> {
     let mut acked = Vec::new();
     for n in 1..=count {
         loop {
@@ -76,7 +90,9 @@ async fn publish_all(publisher: Client, room: &'static str, count: u64, pace: Du
                     acked.push(ack.offset);
                     break;
                 }
-                Err(err) if err.is_retryable() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(err) if err.is_retryable() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 Err(err) => panic!("publish {n}: {err}"),
             }
         }
@@ -102,29 +118,41 @@ async fn rooms_presence_and_direct_messages_span_nodes() {
     let change = loop {
         if let common::Incoming::Frame(ServerFrame::PresenceEvent { change, member, .. }) =
             alice.recv().await
+            && member.user == "bob"
         {
-            if member.user == "bob" {
-                assert_eq!(member.node, "n2");
-                break change;
-            }
+            assert_eq!(member.node, "n2");
+            break change;
         }
     };
     assert_eq!(change, PresenceChange::Join);
-    alice.send(&json!({"type": "presence", "id": 3, "room": "lobby"})).await;
-    let ServerFrame::Presence { members, .. } = alice.frame().await else { panic!() };
+    alice
+        .send(&json!({"type": "presence", "id": 3, "room": "lobby"}))
+        .await;
+    let ServerFrame::Presence { members, .. } = alice.frame().await else {
+        panic!()
+    };
     let mut where_: Vec<(String, String)> = members.into_iter().map(|m| (m.user, m.node)).collect();
     where_.sort();
-    assert_eq!(where_, [("alice".into(), "n1".into()), ("bob".into(), "n2".into())]);
+    assert_eq!(
+        where_,
+        [("alice".into(), "n1".into()), ("bob".into(), "n2".into())]
+    );
 
     for n in 1..=20 {
-        alice.send(&json!({"type": "publish", "room": "lobby", "data": n})).await;
+        alice
+            .send(&json!({"type": "publish", "room": "lobby", "data": n}))
+            .await;
     }
     for n in 1..=20 {
         assert_eq!(message_offset(&bob.frame().await), n);
     }
 
-    bob.send(&json!({"type": "direct", "id": 4, "user": "alice", "data": "psst"})).await;
-    assert!(matches!(bob.frame().await, ServerFrame::Sent { delivered: 1, .. }));
+    bob.send(&json!({"type": "direct", "id": 4, "user": "alice", "data": "psst"}))
+        .await;
+    assert!(matches!(
+        bob.frame().await,
+        ServerFrame::Sent { delivered: 1, .. }
+    ));
     loop {
         match alice.frame().await {
             ServerFrame::Direct { from, data } => {
@@ -150,7 +178,12 @@ async fn kill9_clients_resume_on_another_node_without_gap_or_duplicate() {
         subscribers.push((sub, events));
     }
     let (publisher, _publisher_events) = client(&[nodes[1].url()], "pub").await;
-    let publishing = tokio::spawn(publish_all(publisher, "feed", COUNT, Duration::from_millis(10)));
+    let publishing = tokio::spawn(publish_all(
+        publisher,
+        "feed",
+        COUNT,
+        Duration::from_millis(10),
+    ));
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[0].kill9();
@@ -179,12 +212,20 @@ async fn sigterm_moves_clients_to_another_node_with_1012_and_exits_zero() {
         subscribers.push((sub, events));
     }
     let (publisher, _publisher_events) = client(&[nodes[1].url()], "pub").await;
-    let publishing = tokio::spawn(publish_all(publisher, "feed", COUNT, Duration::from_millis(10)));
+    let publishing = tokio::spawn(publish_all(
+        publisher,
+        "feed",
+        COUNT,
+        Duration::from_millis(10),
+    ));
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     nodes[0].sigterm();
-    let status = nodes[0].wait_exit(Duration::from_secs(7)).await.expect("no exit");
+    let status = nodes[0]
+        .wait_exit(Duration::from_secs(7))
+        .await
+        .expect("no exit");
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
@@ -215,7 +256,10 @@ async fn presence_of_a_killed_node_disappears_within_the_ttl() {
     nodes[1].kill9();
     let killed_at = Instant::now();
     while presence_count(&mut observer).await > 1 {
-        assert!(killed_at.elapsed() < Duration::from_secs(8), "ghost members stayed");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(8),
+            "ghost members stayed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -226,7 +270,8 @@ async fn presence_of_a_killed_node_disappears_within_the_ttl() {
 }
 
 async fn presence_count(raw: &mut Raw) -> usize {
-    raw.send(&json!({"type": "presence", "id": 77, "room": "hall"})).await;
+    raw.send(&json!({"type": "presence", "id": 77, "room": "hall"}))
+        .await;
     loop {
         if let ServerFrame::Presence { members, .. } = raw.frame().await {
             return members.len();
@@ -258,20 +303,31 @@ async fn redis_master_failover_mid_stream_leaves_no_silent_gap() {
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let key = format!("{{{prefix}:stream}}:meta");
-    cluster.fail_over_key(&key, Duration::from_secs(20)).await.unwrap();
+    cluster
+        .fail_over_key(&key, Duration::from_secs(20))
+        .await
+        .unwrap();
 
     let acked = publishing.await.unwrap();
     let last = *acked.last().unwrap();
     let seen = collect(&mut y_events, last, Duration::from_secs(30)).await;
     for node in &spawned {
-        assert_eq!(node.get("/healthz").await.0, 200, "node {} stayed up", node.id);
+        assert_eq!(
+            node.get("/healthz").await.0,
+            200,
+            "node {} stayed up",
+            node.id
+        );
     }
     let in_order = seen.offsets.windows(2).all(|w| w[1] == w[0] + 1);
     if !seen.not_recovered {
         assert!(in_order, "silent gap or duplicate: {:?}", seen.offsets);
         assert_eq!(seen.offsets.first(), Some(&1));
         for offset in &acked {
-            assert!(seen.offsets.contains(offset), "acked {offset} never delivered");
+            assert!(
+                seen.offsets.contains(offset),
+                "acked {offset} never delivered"
+            );
         }
     }
     assert_eq!(seen.offsets.last(), Some(&last));
