@@ -9,14 +9,20 @@
 //! Durations are written the way people write them (`"250ms"`, `"10s"`, `"2m"`).
 
 mod cluster;
+mod edge;
 mod error;
 mod node;
 mod telemetry;
 
 pub use cluster::{AckMode, ClusterConfig};
+pub use edge::{
+    AdminConfig, BackendConfig, EdgeConfig, HashConfig, HashSource, HealthConfig, LimitsConfig,
+    MAX_WEIGHT, ServerConfig, TunnelConfig, parse_network, valid_id, validate_backends,
+};
 pub use error::{ConfigError, FieldError};
 pub use node::{
-    AuthConfig, AuthMode, DrainConfig, LimitsConfig, MIN_SECRET_LEN, NodeConfig, NodeSection,
+    AuthConfig, AuthMode, DrainConfig, LimitsConfig as NodeLimitsConfig, MIN_SECRET_LEN,
+    NodeConfig, NodeSection,
 };
 pub use telemetry::{LogFormat, TelemetryConfig};
 

@@ -1,0 +1,124 @@
+//! Consistent hashing through the real edge: which keys move when a backend is drained,
+//! killed, removed or added (1,000 keys, exact sets asserted), weight 0, and nginx parity.
+
+use std::time::Duration;
+
+use crate::common::{Echo, Edge, HASH_SID, owners};
+use crate::ws;
+
+const KEYS: usize = 1000;
+
+/// Asserts that only keys owned by `gone` moved; returns how many moved.
+fn only_moved_from(before: &[String], after: &[String], gone: &str) -> usize {
+    let mut moved = 0;
+    for (k, (b, a)) in before.iter().zip(after).enumerate() {
+        if b != a {
+            assert_eq!(b, gone, "key-{k} of {b} moved to {a}");
+            moved += 1;
+        }
+    }
+    assert_eq!(
+        moved,
+        before.iter().filter(|b| *b == gone).count(),
+        "all of {gone}'s keys moved"
+    );
+    moved
+}
+
+#[tokio::test]
+async fn keys_move_only_from_the_affected_backend() {
+    let mut echoes = [Echo::start("b1"), Echo::start("b2"), Echo::start("b3")];
+    let refs: Vec<&Echo> = echoes.iter().collect();
+    let edge = Edge::start(&refs, "", HASH_SID).await;
+    let baseline = owners(&edge, KEYS).await;
+    for id in ["b1", "b2", "b3"] {
+        let share = baseline.iter().filter(|b| *b == id).count() as f64 / KEYS as f64;
+        assert!((share - 1.0 / 3.0).abs() < 0.1, "{id} owns {share}");
+    }
+
+    // Drain by admin: b2's keys move, and come back on undrain.
+    assert_eq!(
+        edge.admin("POST", "/backends/b2/drain", "").await.status,
+        200
+    );
+    only_moved_from(&baseline, &owners(&edge, KEYS).await, "b2");
+    assert_eq!(
+        edge.admin("POST", "/backends/b2/undrain", "").await.status,
+        200
+    );
+    assert_eq!(owners(&edge, KEYS).await, baseline);
+
+    // Kill: b3's keys move once it is seen down (passively or by the checks).
+    echoes[2].kill();
+    edge.wait_state("b3", "down").await;
+    only_moved_from(&baseline, &owners(&edge, KEYS).await, "b3");
+    echoes[2].restart();
+    edge.wait_state("b3", "healthy").await;
+    assert_eq!(owners(&edge, KEYS).await, baseline);
+
+    // Remove from the membership, then add back: exactly the same keys return.
+    assert_eq!(edge.admin("DELETE", "/backends/b2", "").await.status, 200);
+    only_moved_from(&baseline, &owners(&edge, KEYS).await, "b2");
+    let b2 = format!("{{\"id\":\"b2\",\"address\":\"{}\"}}", echoes[1].address);
+    assert_eq!(edge.admin("POST", "/backends", &b2).await.status, 200);
+    assert_eq!(owners(&edge, KEYS).await, baseline);
+
+    // Add a fourth: only keys that now belong to it move, about a quarter.
+    let b4 = Echo::start("b4");
+    let body = format!("{{\"id\":\"b4\",\"address\":\"{}\"}}", b4.address);
+    assert_eq!(edge.admin("POST", "/backends", &body).await.status, 200);
+    let grown = owners(&edge, KEYS).await;
+    let moved = baseline.iter().zip(&grown).filter(|(b, a)| b != a).count();
+    assert!(
+        grown
+            .iter()
+            .zip(&baseline)
+            .all(|(g, b)| g == b || g == "b4")
+    );
+    let share = moved as f64 / KEYS as f64;
+    assert!(
+        (share - 0.25).abs() < 0.08,
+        "adding one of four moved {share}"
+    );
+    drop(echoes);
+}
+
+/// Weight 0 (some discovery sources drain that way) never crashes the ring update: the
+/// backend keeps its open tunnel, gets no new clients, and other failures still fail over.
+#[tokio::test]
+async fn weight_zero_keeps_tunnels_and_failover_still_works() {
+    let mut a = Echo::start("a");
+    let b = Echo::start("b");
+    let c = Echo::start("c");
+    let edge = Edge::start(&[&a, &b, &c], "", HASH_SID).await;
+    let baseline = owners(&edge, 300).await;
+    let key_of_c = baseline
+        .iter()
+        .position(|o| o == "c")
+        .expect("c owns a key");
+    let (mut tunnel, id) = ws::connect(&edge.ws_url(&format!("/ws?sid=key-{key_of_c}")))
+        .await
+        .unwrap();
+    assert_eq!(id, "c");
+
+    let text = std::fs::read_to_string(&edge.config_path).unwrap();
+    let marker = format!("id = \"c\"\naddress = \"{}\"\n", c.address);
+    std::fs::write(
+        &edge.config_path,
+        text.replace(&marker, &format!("{marker}weight = 0\n")),
+    )
+    .unwrap();
+    let reload = edge.admin("POST", "/reload", "").await;
+    assert_eq!(reload.status, 200, "{}", reload.body);
+
+    only_moved_from(&baseline, &owners(&edge, 300).await, "c");
+    assert_eq!(edge.backend("c").await["state"], "draining");
+    assert_eq!(ws::roundtrip(&mut tunnel, "kept").await.unwrap(), "kept");
+
+    a.kill();
+    edge.wait_state("a", "down").await;
+    let after = owners(&edge, 300).await;
+    assert!(after.iter().all(|o| o == "b"), "only b takes new clients");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(ws::roundtrip(&mut tunnel, "still").await.unwrap(), "still");
+}

@@ -1,0 +1,166 @@
+//! Health: draining keeps tunnels, dead backends are skipped (no panic mode), none healthy
+//! answers 503 quickly, connect failures retry on the next ring node, application 4xx
+//! never counts as a failure, and passive ejections are capped.
+
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::{Echo, Edge, HASH_SID, http, owner, owners};
+use crate::ws;
+
+#[tokio::test]
+async fn draining_backend_keeps_its_tunnel_and_gets_no_new_clients() {
+    let b1 = Echo::start("b1");
+    let b2 = Echo::start("b2");
+    let edge = Edge::start(&[&b1, &b2], "", HASH_SID).await;
+    let baseline = owners(&edge, 200).await;
+    let key = baseline.iter().position(|o| o == "b1").unwrap();
+    let (mut tunnel, id) = ws::connect(&edge.ws_url(&format!("/?sid=key-{key}")))
+        .await
+        .unwrap();
+    assert_eq!(id, "b1");
+
+    b1.set_draining(true).await;
+    edge.wait_state("b1", "draining").await;
+    assert!(owners(&edge, 200).await.iter().all(|o| o == "b2"));
+    assert_eq!(ws::roundtrip(&mut tunnel, "kept").await.unwrap(), "kept");
+    assert_eq!(edge.backend("b1").await["active_tunnels"], 1);
+
+    b1.set_draining(false).await;
+    edge.wait_state("b1", "healthy").await;
+    assert_eq!(owners(&edge, 200).await, baseline);
+}
+
+/// With two of three backends down, every upgrade goes to the survivor; with none left
+/// the edge answers 503 at once.
+#[tokio::test]
+async fn dead_backends_are_skipped_and_none_healthy_is_a_quick_503() {
+    let mut b1 = Echo::start("b1");
+    let mut b2 = Echo::start("b2");
+    let mut b3 = Echo::start("b3");
+    let edge = Edge::start(&[&b1, &b2, &b3], "", HASH_SID).await;
+    b1.kill();
+    b2.kill();
+    edge.wait_state("b1", "down").await;
+    edge.wait_state("b2", "down").await;
+    for k in 0..300 {
+        let (_client, id) = ws::connect(&edge.ws_url(&format!("/?sid=k{k}")))
+            .await
+            .unwrap();
+        assert_eq!(id, "b3", "key k{k}");
+    }
+
+    b3.kill();
+    edge.wait_state("b3", "down").await;
+    let started = Instant::now();
+    let answer = http(edge.listen, "GET", "/?sid=x", &[]).await.unwrap();
+    assert_eq!(answer.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// 2,000 new WebSocket connections, 200 at a time, with a backend SIGKILLed after 500:
+/// no handshake fails, and every connection echoes its first message unless its own
+/// backend died under it after the handshake (that is not a handshake failure).
+#[tokio::test]
+async fn no_failed_handshake_while_a_backend_dies() {
+    let b1 = Echo::start("b1");
+    let mut b2 = Echo::start("b2");
+    let b3 = Echo::start("b3");
+    let edge = Edge::start(&[&b1, &b2, &b3], "", HASH_SID).await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let url = edge.ws_url("/ws");
+
+    let run = futures_util::stream::iter(0..2000)
+        .map(|n| {
+            let (done, url) = (done.clone(), url.clone());
+            async move {
+                let outcome = match ws::connect(&format!("{url}?sid=c{n}")).await {
+                    Err(err) => Err(format!("handshake of c{n} failed: {err}")),
+                    Ok((mut client, id)) => {
+                        match ws::roundtrip(&mut client, &format!("m{n}")).await {
+                            Ok(reply) if reply == format!("m{n}") => Ok(None),
+                            Ok(reply) => Err(format!("c{n} got {reply}")),
+                            Err(_) => Ok(Some(id)),
+                        }
+                    }
+                };
+                done.fetch_add(1, Ordering::Relaxed);
+                outcome
+            }
+        })
+        .buffer_unordered(200)
+        .collect::<Vec<_>>();
+    let killer = async {
+        while done.load(Ordering::Relaxed) < 500 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        b2.kill();
+    };
+    let (results, ()) = tokio::join!(run, killer);
+
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let cut: Vec<&String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok()?.as_ref())
+        .collect();
+    assert!(
+        cut.iter().all(|id| *id == "b2"),
+        "only tunnels on the killed backend may be cut: {cut:?}"
+    );
+    assert!(
+        edge.metric("ringcast_edge_upstream_connect_failures_total")
+            .await
+            >= 1.0
+    );
+}
+
+/// Application 4xx answers never count as backend failures; passive ejection is capped at
+/// `max_passive_ejected` even when more backends refuse connections.
+#[tokio::test]
+async fn app_errors_never_eject_and_passive_ejections_are_capped() {
+    let mut b1 = Echo::start("b1");
+    let mut b2 = Echo::start("b2");
+    let b3 = Echo::start("b3");
+    // Active checks effectively off, so only passive signals act.
+    let health = "[health]\ninterval = \"1h\"\nmax_passive_ejected = 1\n";
+    let edge = Edge::start(&[&b1, &b2, &b3], "", &format!("{HASH_SID}{health}")).await;
+    let baseline = owners(&edge, 300).await;
+    for k in 0..300 {
+        let path = format!("/?sid=key-{k}");
+        let answer = http(edge.listen, "GET", &path, &[("x-echo-status", "400")])
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 400);
+    }
+    for id in ["b1", "b2", "b3"] {
+        assert_eq!(edge.backend(id).await["state"], "healthy", "{id}");
+    }
+    assert_eq!(owners(&edge, 300).await, baseline);
+
+    b1.kill();
+    b2.kill();
+    let after = owners(&edge, 300).await;
+    assert!(
+        after.iter().all(|o| o == "b3"),
+        "every request reached the survivor"
+    );
+    let states = [
+        edge.backend("b1").await["state"].clone(),
+        edge.backend("b2").await["state"].clone(),
+    ];
+    let ejected = states.iter().filter(|s| *s == "down").count();
+    assert_eq!(ejected, 1, "at most one passive ejection: {states:?}");
+    assert_eq!(owner(&edge, "key-0").await, "b3");
+}
