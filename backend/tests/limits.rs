@@ -215,3 +215,48 @@ async fn slow_consumer_is_closed_while_the_others_receive_everything() {
         1.0
     );
 }
+
+/// The size limit applies to whole messages, also when they arrive in fragments.
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_limited_as_a_whole() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    async fn send_in_fragments(raw: &mut Raw, text: &str, pieces: usize) {
+        let bytes = text.as_bytes();
+        let size = bytes.len().div_ceil(pieces);
+        for (index, chunk) in bytes.chunks(size).enumerate() {
+            let opcode = if index == 0 {
+                Data::Text
+            } else {
+                Data::Continue
+            };
+            let last = (index + 1) * size >= bytes.len();
+            let frame = Frame::message(chunk.to_vec(), OpCode::Data(opcode), last);
+            raw.ws.send(Message::Frame(frame)).await.unwrap();
+        }
+    }
+
+    let node = NodeProcess::start(&Spec::new("n1").limits("max_message_bytes = 16384")).await;
+    let (mut reader, _) = Raw::hello(&node.url(), None, None).await;
+    reader.join("parts").await;
+    let (mut writer, _) = Raw::hello(&node.url(), None, None).await;
+
+    let payload = "z".repeat(12_000);
+    let small = json!({"type": "publish", "id": 1, "room": "parts", "data": payload}).to_string();
+    send_in_fragments(&mut writer, &small, 4).await;
+    assert!(matches!(
+        writer.frame().await,
+        ServerFrame::Ack { offset: 1, .. }
+    ));
+    let ServerFrame::Message { data, .. } = reader.frame().await else {
+        panic!()
+    };
+    assert_eq!(data, json!(payload));
+
+    let big = json!({"type": "publish", "room": "parts", "data": "z".repeat(20_000)}).to_string();
+    send_in_fragments(&mut writer, &big, 4).await;
+    assert_eq!(writer.close_code().await, close::TOO_BIG);
+}

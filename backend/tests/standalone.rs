@@ -298,3 +298,48 @@ async fn sigterm_drains_with_1012_and_exits_zero_in_time() {
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(4));
 }
+
+#[tokio::test]
+async fn client_library_gives_up_on_a_refused_token_and_resyncs_on_rejoin() {
+    use ringcast_shared::client::{Client, ClientConfig, ClientError, Event};
+
+    let node = NodeProcess::start(&Spec::new("n1").jwt()).await;
+    let refused = Client::connect(ClientConfig::new([node.url()]).token("not a jwt")).await;
+    assert!(
+        matches!(refused, Err(ClientError::Connect(_))),
+        "{refused:?}"
+    );
+
+    let token = token("carol", &["*"], &["*"]);
+    let (carol, mut events) = Client::connect(ClientConfig::new([node.url()]).token(token))
+        .await
+        .unwrap();
+    assert!(matches!(
+        events.recv().await,
+        Some(Event::Connected { resumed: false, .. })
+    ));
+    carol.join("notes").await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(carol.publish("notes", json!(n)).await.unwrap().offset, n);
+    }
+    carol.join("notes").await.unwrap();
+    let mut offsets = Vec::new();
+    while offsets.len() < 3 {
+        if let Some(Event::Message { offset, .. }) = events.recv().await {
+            offsets.push(offset);
+        }
+    }
+    assert_eq!(
+        offsets,
+        [1, 2, 3],
+        "joining again neither skips nor repeats"
+    );
+    let err = carol.join("bad name").await.unwrap_err();
+    assert!(matches!(
+        err,
+        ClientError::Node {
+            code: ErrorCode::BadRoomName,
+            ..
+        }
+    ));
+}

@@ -157,6 +157,15 @@ impl Connection {
         id: Option<u64>,
         room: &str,
     ) -> Result<(), Option<ClusterError>> {
+        if let Some(cursor) = self.cursors.get(room) {
+            // Already in the room: confirm where the connection stands, skip nothing.
+            let position = RoomPosition {
+                epoch: cursor.epoch.clone(),
+                offset: cursor.last,
+            };
+            let frame = joined(id, room, &position, None);
+            return self.send(&frame).await.map_err(|_| None);
+        }
         let position = self.node.cluster.position(room).await.map_err(Some)?;
         self.cursors.set(room, &position);
         self.send(&joined(id, room, &position, None))
