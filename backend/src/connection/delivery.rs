@@ -102,13 +102,24 @@ impl Connection {
     }
 
     /// Writes replayed publications that follow the cursor, in order.
+    ///
+    /// `publications` answer a complete `history` call from the cursor, so they continue
+    /// it even when they carry a newer epoch: after a Redis master change the cluster
+    /// carries an intact history over into a new epoch. The cursor takes that epoch on.
     pub(super) async fn replay(&mut self, room: &str, publications: &[Publication]) -> Step {
         for publication in publications {
             let Some(cursor) = self.cursors.get(room) else {
                 return Ok(());
             };
-            if publication.epoch != cursor.epoch || publication.offset != cursor.last + 1 {
+            if publication.offset != cursor.last + 1 {
                 continue;
+            }
+            if publication.epoch != cursor.epoch {
+                let carried_over = RoomPosition {
+                    epoch: publication.epoch.clone(),
+                    offset: cursor.last,
+                };
+                self.cursors.set(room, &carried_over);
             }
             self.write(encode(&message_frame(publication))).await?;
             self.node.metrics.deliveries.inc();

@@ -184,12 +184,19 @@ impl Connection {
         match replay.map_err(Some)? {
             Replay::Complete(publications) => {
                 self.count_resume("recovered");
-                let newest = publications.last().map_or(offset, |p| p.offset);
+                // A history carried over into a newer epoch (a Redis master change) is
+                // reported in that epoch; the client's offset stays valid in it.
+                let reported = publications.last().map_or_else(
+                    || RoomPosition {
+                        epoch: epoch.clone(),
+                        offset,
+                    },
+                    |newest| RoomPosition {
+                        epoch: newest.epoch.clone(),
+                        offset: newest.offset,
+                    },
+                );
                 let position = RoomPosition { epoch, offset };
-                let reported = RoomPosition {
-                    epoch: position.epoch.clone(),
-                    offset: newest,
-                };
                 self.cursors.set(room, &position);
                 let frame = joined(id, room, &reported, Some(ResumeStatus::Recovered));
                 self.send(&frame).await.map_err(|_| None)?;

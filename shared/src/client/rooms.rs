@@ -93,8 +93,17 @@ impl Rooms {
         };
         match resume {
             Some(ResumeStatus::Recovered) if cursor.epoch.is_some() => {
-                cursor.syncing = false;
-                if cursor.epoch.as_deref() != Some(epoch) {
+                if cursor.epoch.as_deref() == Some(epoch) {
+                    cursor.syncing = false;
+                } else if cursor.syncing {
+                    // The answer to our own join from our own position: the node found our
+                    // history complete, carried over into a newer epoch (a Redis master
+                    // change). Our offset stays valid in it.
+                    cursor.epoch = Some(epoch.to_owned());
+                    cursor.syncing = false;
+                } else {
+                    // A room restored from a session saved in another epoch: join again
+                    // from our own position to find out.
                     cursor.syncing = true;
                     return true;
                 }
@@ -149,5 +158,21 @@ mod tests {
     fn messages_of_unknown_rooms_are_dropped() {
         let mut rooms = joined_at("e", 0);
         assert_eq!(rooms.on_message("other", "e", 1), MessageVerdict::Drop);
+    }
+
+    #[test]
+    fn a_recovered_answer_to_our_resync_carries_the_cursor_into_the_new_epoch() {
+        let mut rooms = joined_at("e", 3);
+        assert_eq!(rooms.on_message("r", "f", 4), MessageVerdict::Resync);
+        assert!(!rooms.on_joined("r", "f", 9, Some(&ResumeStatus::Recovered)));
+        assert_eq!(rooms.on_message("r", "f", 4), MessageVerdict::Deliver);
+        assert_eq!(rooms.on_message("r", "e", 5), MessageVerdict::Resync);
+    }
+
+    #[test]
+    fn a_restored_room_in_another_epoch_asks_for_a_resync() {
+        let mut rooms = joined_at("e", 3);
+        assert!(rooms.on_joined("r", "f", 9, Some(&ResumeStatus::Recovered)));
+        assert_eq!(rooms.on_message("r", "f", 4), MessageVerdict::Drop);
     }
 }
