@@ -48,7 +48,7 @@ pub struct Settings {
     /// Scheme clients used (`X-Forwarded-Proto`).
     pub scheme: &'static str,
     /// Admission limits.
-    pub limits: ringcast_shared::config::LimitsConfig,
+    pub limits: ringcast_shared::config::EdgeLimitsConfig,
 }
 
 impl Settings {

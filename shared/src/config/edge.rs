@@ -30,7 +30,7 @@ pub struct EdgeConfig {
     pub health: HealthConfig,
     /// Admission control.
     #[serde(default)]
-    pub limits: LimitsConfig,
+    pub limits: EdgeLimitsConfig,
     /// Policy for upgraded (WebSocket) connections.
     #[serde(default)]
     pub tunnel: TunnelConfig,
@@ -228,7 +228,7 @@ impl Default for HealthConfig {
 /// `[limits]`: admission control. Zero disables a limit.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
+pub struct EdgeLimitsConfig {
     /// New upgrades per second accepted for one backend; above it → 503. Default 0 (off).
     pub backend_upgrades_per_second: u32,
     /// Concurrent connections (tunnels and requests in flight) of one client IP; above
@@ -241,7 +241,7 @@ pub struct LimitsConfig {
     pub retry_after: Duration,
 }
 
-impl Default for LimitsConfig {
+impl Default for EdgeLimitsConfig {
     fn default() -> Self {
         Self {
             backend_upgrades_per_second: 0,

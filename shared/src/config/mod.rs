@@ -16,13 +16,12 @@ mod telemetry;
 
 pub use cluster::{AckMode, ClusterConfig};
 pub use edge::{
-    AdminConfig, BackendConfig, EdgeConfig, HashConfig, HashSource, HealthConfig, LimitsConfig,
+    AdminConfig, BackendConfig, EdgeConfig, EdgeLimitsConfig, HashConfig, HashSource, HealthConfig,
     MAX_WEIGHT, ServerConfig, TunnelConfig, parse_network, valid_id, validate_backends,
 };
 pub use error::{ConfigError, FieldError};
 pub use node::{
-    AuthConfig, AuthMode, DrainConfig, LimitsConfig as NodeLimitsConfig, MIN_SECRET_LEN,
-    NodeConfig, NodeSection,
+    AuthConfig, AuthMode, DrainConfig, MIN_SECRET_LEN, NodeConfig, NodeLimitsConfig, NodeSection,
 };
 pub use telemetry::{LogFormat, TelemetryConfig};
 

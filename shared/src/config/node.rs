@@ -3,7 +3,7 @@
 //!
 //! Every field has a default except `auth.secret`, which `auth.mode = "jwt"` (the default)
 //! requires; a file with only `[auth] mode = "none"` runs a standalone node on
-//! `127.0.0.1:8080`.
+//! `127.0.0.1:9001`.
 
 use serde::Deserialize;
 use std::time::Duration;
@@ -22,7 +22,7 @@ pub struct NodeConfig {
     /// How clients authenticate.
     pub auth: AuthConfig,
     /// Per-connection limits.
-    pub limits: LimitsConfig,
+    pub limits: NodeLimitsConfig,
     /// Graceful shutdown on SIGTERM.
     pub drain: DrainConfig,
     /// Shared state; no `nodes` means standalone on the memory implementation.
@@ -48,7 +48,7 @@ impl Validate for NodeConfig {
 pub struct NodeSection {
     /// Node id, unique in the cluster (letters, digits, `-_.`). Default `node-1`.
     pub id: String,
-    /// `host:port` of the HTTP/WebSocket listener. Default `127.0.0.1:8080`.
+    /// `host:port` of the HTTP/WebSocket listener. Default `127.0.0.1:9001`.
     pub listen: String,
     /// How often the node sends a `ping` frame. Default 15 s.
     #[serde(with = "humantime_serde")]
@@ -70,7 +70,7 @@ impl Default for NodeSection {
     fn default() -> Self {
         Self {
             id: "node-1".to_owned(),
-            listen: "127.0.0.1:8080".to_owned(),
+            listen: "127.0.0.1:9001".to_owned(),
             heartbeat_interval: Duration::from_secs(15),
             heartbeat_timeout: Duration::from_secs(45),
             hello_timeout: Duration::from_secs(10),
@@ -149,7 +149,7 @@ impl Validate for AuthConfig {
 /// The `[limits]` section: what one connection may do.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
+pub struct NodeLimitsConfig {
     /// Largest frame (message) a client may send; larger ones close the connection with
     /// 1009. Default 65536.
     pub max_message_bytes: usize,
@@ -183,7 +183,7 @@ pub struct LimitsConfig {
     pub max_connections: usize,
 }
 
-impl Default for LimitsConfig {
+impl Default for NodeLimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 * 1024,
@@ -201,7 +201,7 @@ impl Default for LimitsConfig {
     }
 }
 
-impl Validate for LimitsConfig {
+impl Validate for NodeLimitsConfig {
     fn validate(&self) -> Result<(), FieldError> {
         for (key, value) in [
             ("max_message_bytes", self.max_message_bytes),
@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn minimal_file_runs_standalone_without_auth() {
         let config = parse_node("[auth]\nmode = \"none\"\n").unwrap();
-        assert_eq!(config.node.listen, "127.0.0.1:8080");
+        assert_eq!(config.node.listen, "127.0.0.1:9001");
         assert!(config.cluster.nodes.is_empty());
         assert_eq!(config.limits.max_message_bytes, 65536);
     }
