@@ -1,7 +1,8 @@
 //! Several nodes sharing a real Redis Cluster (the testbed fixture): rooms, presence and
 //! direct messages across nodes; kill -9 and SIGTERM of a node with clients resuming on
 //! another without gap or duplicate; presence of a crashed node expiring; a Redis master
-//! failover in the middle of a stream.
+//! failover in the middle of a stream, with `leader` acks and with `replicated` acks (the
+//! room continuing in a new epoch for live and resuming subscribers).
 
 mod common;
 
