@@ -1,16 +1,18 @@
 //! Several nodes sharing a real Redis Cluster (the testbed fixture): rooms, presence and
 //! direct messages across nodes; kill -9 and SIGTERM of a node with clients resuming on
 //! another without gap or duplicate; presence of a crashed node expiring; a Redis master
-//! failover in the middle of a stream.
+//! failover in the middle of a stream, with `leader` acks and with `replicated` acks (the
+//! room continuing in a new epoch for live and resuming subscribers).
 
 mod common;
 
-use common::{NodeProcess, Raw, Spec, message_offset};
-use ringcast_shared::client::{Client, ClientConfig, Event, Events};
+use common::{Gate, NodeProcess, Raw, Spec, message_offset};
+use ringcast_shared::client::{Ack, Client, ClientConfig, Event, Events};
 use ringcast_shared::protocol::{PresenceChange, ResumeStatus, ServerFrame, close};
 use ringcast_testbed::redis_cluster::{RedisCluster, unique_prefix};
 use serde_json::json;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
 const STEP: Duration = Duration::from_secs(20);
@@ -45,9 +47,12 @@ async fn client(urls: &[String], user: &str) -> (Client, Events) {
 #[derive(Debug, Default)]
 struct Seen {
     offsets: Vec<u64>,
+    /// Epoch and data of each message, in the order of `offsets`.
+    payloads: Vec<(String, serde_json::Value)>,
     not_recovered: bool,
     resumed_sessions: usize,
     close_codes: Vec<u16>,
+    disconnects: usize,
 }
 
 /// Reads events until offset `last` arrived (or `within` passed).
@@ -59,15 +64,24 @@ async fn collect(events: &mut Events, last: u64, within: Duration) -> Seen {
             break;
         };
         match event {
-            Event::Message { offset, .. } => seen.offsets.push(offset),
+            Event::Message {
+                offset,
+                epoch,
+                data,
+                ..
+            } => {
+                seen.offsets.push(offset);
+                seen.payloads.push((epoch, data));
+            }
             Event::Resumed {
                 status: ResumeStatus::NotRecovered,
                 ..
             } => seen.not_recovered = true,
             Event::Connected { resumed: true, .. } => seen.resumed_sessions += 1,
-            Event::Disconnected {
-                code: Some(code), ..
-            } => seen.close_codes.push(code),
+            Event::Disconnected { code, .. } => {
+                seen.disconnects += 1;
+                seen.close_codes.extend(code);
+            }
             _ => {}
         }
     }
@@ -84,21 +98,22 @@ async fn publish_all(
 ) -> Vec<u64> {
     let mut acked = Vec::new();
     for n in 1..=count {
-        loop {
-            match publisher.publish(room, json!(n)).await {
-                Ok(ack) => {
-                    acked.push(ack.offset);
-                    break;
-                }
-                Err(err) if err.is_retryable() => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(err) => panic!("publish {n}: {err}"),
-            }
-        }
+        acked.push(publish_one(&publisher, room, n).await.offset);
         tokio::time::sleep(pace).await;
     }
     acked
+}
+
+/// Publishes `n` until it is acked, retrying retryable failures (a failed attempt may
+/// still have been stored: delivery is at least once from the publisher's side).
+async fn publish_one(publisher: &Client, room: &str, n: u64) -> Ack {
+    loop {
+        match publisher.publish(room, json!(n)).await {
+            Ok(ack) => return ack,
+            Err(err) if err.is_retryable() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(err) => panic!("publish {n}: {err}"),
+        }
+    }
 }
 
 fn assert_exactly(seen: &Seen, last: u64) {
@@ -331,4 +346,123 @@ async fn redis_master_failover_mid_stream_leaves_no_silent_gap() {
         }
     }
     assert_eq!(seen.offsets.last(), Some(&last));
+}
+
+/// With `ack = "replicated"`, the master owning a room's slot is killed mid-stream and
+/// comes back as a replica; the room continues in a new epoch. A subscriber that stays
+/// connected (node 2) and one whose connection is cut before the failover and resumes
+/// after it (same node, through a relay) both get every acked message exactly once, in
+/// order, and are never told `not_recovered`: the history carries over into the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_acks_survive_a_master_failover_into_a_new_epoch_live_and_resumed() {
+    const COUNT: u64 = 160;
+    let mut cluster = RedisCluster::start().await.unwrap();
+    let prefix = unique_prefix();
+    let mut spawned = Vec::new();
+    for id in ["n1", "n2"] {
+        let spec = Spec::new(id)
+            .redis(
+                &cluster.seed_urls(),
+                &prefix,
+                "ack = \"replicated\"\nreplica_ack_timeout = \"500ms\"\npresence_ttl = \"2s\"",
+            )
+            .node("session_save_interval = \"200ms\"")
+            .limits("publish_rate_per_sec = 1000.0\npublish_burst = 1000");
+        spawned.push(NodeProcess::start(&spec).await);
+    }
+    let gate = Gate::start(&spawned[1].addr).await;
+    let (live, mut live_events) = client(&[spawned[1].url()], "live").await;
+    let (resuming, mut resuming_events) = client(&[gate.url()], "resuming").await;
+    live.join("stream").await.unwrap();
+    resuming.join("stream").await.unwrap();
+    let (publisher, _publisher_events) = client(&[spawned[0].url()], "pub").await;
+    let (acks_tx, mut acks) = mpsc::unbounded_channel();
+    let publishing = tokio::spawn(async move {
+        for n in 1..=COUNT {
+            let ack = publish_one(&publisher, "stream", n).await;
+            acks_tx.send((n, ack)).unwrap();
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    });
+
+    let mut acked = Vec::new();
+    while acked.len() < 30 {
+        acked.push(acks.recv().await.unwrap());
+    }
+    gate.cut();
+    let key = format!("{{{prefix}:stream}}:meta");
+    let killed = cluster.fail_over_key(&key, STEP).await.unwrap();
+    cluster.restart(killed).await.unwrap();
+    // The resuming client comes back once the room has moved on in the new epoch.
+    let first_epoch = acked[0].1.epoch.clone();
+    let mut in_new_epoch = 0;
+    while in_new_epoch < 10 {
+        let (n, ack) = timeout(STEP, acks.recv()).await.unwrap().unwrap();
+        in_new_epoch += usize::from(ack.epoch != first_epoch);
+        acked.push((n, ack));
+    }
+    gate.restore();
+    timeout(Duration::from_secs(60), publishing)
+        .await
+        .expect("publishing stalled")
+        .unwrap();
+    while let Some(item) = acks.recv().await {
+        acked.push(item);
+    }
+
+    let last = acked.last().unwrap().1.offset;
+    let epochs: std::collections::BTreeSet<&str> =
+        acked.iter().map(|(_, ack)| ack.epoch.as_str()).collect();
+    assert_eq!(epochs.len(), 2, "the failover started a new epoch");
+    let live_seen = collect(&mut live_events, last, STEP).await;
+    let resumed_seen = collect(&mut resuming_events, last, STEP).await;
+    assert_eq!(
+        live_seen.disconnects, 0,
+        "the live subscriber stayed connected"
+    );
+    assert!(
+        resumed_seen.disconnects > 0,
+        "the cut dropped the resuming one"
+    );
+    for (seen, name) in [(&live_seen, "live"), (&resumed_seen, "resuming")] {
+        assert!(!seen.not_recovered, "{name} was told not_recovered");
+        assert_every_ack_once_in_order(seen, &acked, name);
+    }
+    for node in &spawned {
+        assert_eq!(
+            node.get("/healthz").await.0,
+            200,
+            "node {} stayed up",
+            node.id
+        );
+    }
+}
+
+/// `seen` holds one contiguous run of offsets from 1 (no gap, no duplicate, in order;
+/// retried publishes may add unacked messages), and each acked number at its offset.
+fn assert_every_ack_once_in_order(seen: &Seen, acked: &[(u64, Ack)], name: &str) {
+    let last = acked.last().unwrap().1.offset;
+    let expected: Vec<u64> = (1..=last).collect();
+    assert_eq!(
+        seen.offsets, expected,
+        "{name}: every offset once, in order"
+    );
+    for (n, ack) in acked {
+        let index = usize::try_from(ack.offset - 1).unwrap();
+        // Only the data is compared: messages replayed from before the master change
+        // carry the new epoch.
+        let (_, data) = &seen.payloads[index];
+        assert_eq!(
+            data,
+            &json!(n),
+            "{name}: acked {n} at offset {}",
+            ack.offset
+        );
+    }
+    let newest = &acked.last().unwrap().1.epoch;
+    assert_eq!(
+        &seen.payloads.last().unwrap().0,
+        newest,
+        "{name}: in the new epoch"
+    );
 }

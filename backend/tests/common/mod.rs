@@ -329,3 +329,63 @@ pub fn message_offset(frame: &ServerFrame) -> u64 {
         other => panic!("expected a message, got {other:?}"),
     }
 }
+
+/// A TCP relay on a free loopback port to one node. [`Gate::cut`] drops the relayed
+/// connections and turns new ones away until [`Gate::restore`], so a client loses its
+/// connection and stays away for as long as a test wants, then comes back to the same node.
+pub struct Gate {
+    pub addr: String,
+    open: tokio::sync::watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (open, watch) = tokio::sync::watch::channel(true);
+        let target = target.to_owned();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    tokio::spawn(relay(inbound, target.clone(), watch.clone()));
+                }
+            }
+        });
+        Self { addr, open, accept }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies both ways until either side ends or the gate is cut (or dropped).
+async fn relay(
+    mut inbound: TcpStream,
+    target: String,
+    mut open: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+        _ = open.wait_for(|open| !*open) => {}
+    }
+}
