@@ -24,7 +24,8 @@ const BUCKETS_MS: [f64; 11] = [
 pub struct Report {
     /// What ran, e.g. `demo` or `scenario kill-node`.
     pub command: String,
-    /// No client and no acked message lost, nothing duplicated, every fault step done.
+    /// No client and no acked message lost, nothing duplicated, every fault step done, no
+    /// process died unexpectedly.
     pub passed: bool,
     /// The plan.
     pub plan: RunPlan,
@@ -74,7 +75,9 @@ impl Report {
         marks: Vec<Mark>,
     ) -> Self {
         let verdict = outcome.verdict;
-        let passed = verdict.passed() && outcome.fault_errors.is_empty();
+        let passed = verdict.passed()
+            && outcome.fault_errors.is_empty()
+            && outcome.unexpected_deaths.is_empty();
         let phases = outcome
             .phases
             .iter()
