@@ -20,6 +20,7 @@ mod metrics;
 mod node;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Parser;
 use ringcast_shared::cluster::{self, ClusterEvents, ClusterState, NodeInfo};
 use ringcast_shared::config::NodeConfig;
@@ -96,6 +97,9 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = http::router(Arc::clone(&node));
+    // Frames are small and latency matters: never wait for Nagle's algorithm.
+    let send_buffer = node.config.limits.socket_send_buffer_bytes;
+    let listener = listener.tap_io(move |tcp| tune_socket(tcp, send_buffer));
     let server = tokio::spawn(async move {
         let stopped = async {
             let _ = stop_rx.await;
@@ -134,6 +138,20 @@ async fn connect_cluster(
                 tracing::info!(signal = signal?, "stopped before the cluster was reachable");
                 return Ok(None);
             }
+        }
+    }
+}
+
+/// Disables Nagle's algorithm (frames are small and latency matters) and applies the
+/// configured kernel send buffer.
+fn tune_socket(tcp: &mut tokio::net::TcpStream, send_buffer_bytes: usize) {
+    if let Err(err) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+    }
+    if send_buffer_bytes > 0 {
+        let socket = socket2::SockRef::from(&*tcp);
+        if let Err(err) = socket.set_send_buffer_size(send_buffer_bytes) {
+            tracing::debug!(error = %err, "cannot set SO_SNDBUF");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`health`]: active readiness checks with rise/fall;
 //! - [`limits`]: admission control per client IP and per backend;
 //! - [`proxy`]: the pingora callbacks (timeouts, selection, retries, tunnels);
+//! - [`tunnel`]: WebSocket handshakes with failover, and the byte relay after `101`;
 //! - [`admin`]: the operator HTTP API;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`lifecycle`]: start-up, reload (SIGHUP) and background tasks.
@@ -18,3 +19,4 @@ pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod tunnel;

@@ -19,6 +19,7 @@ use crate::admin::{self, AdminState};
 use crate::health;
 use crate::pool::Pool;
 use crate::proxy::{Edge, Settings};
+use crate::tunnel::Tunnels;
 
 /// Re-reads the config file and applies its backend list.
 pub struct Reloader {
@@ -54,6 +55,7 @@ struct Tasks {
     config: EdgeConfig,
     pool: Arc<Pool>,
     reloader: Arc<Reloader>,
+    tunnels: Arc<Tunnels>,
     upgrading: bool,
 }
 
@@ -75,8 +77,15 @@ impl BackgroundService for Tasks {
                 tracing::info!("shutting down: admin listener closed");
             }
         }
+        // Pingora drops whatever is left when the grace period ends; close the tunnels
+        // before that, spread over most of it.
+        let window = self.config.server.grace_period.mul_f64(CLOSE_WINDOW_SHARE);
+        self.tunnels.close_spread(window).await;
     }
 }
+
+/// Share of the grace period over which the remaining tunnels are closed.
+const CLOSE_WINDOW_SHARE: f64 = 0.8;
 
 /// Binds the admin listener. During a graceful upgrade the old process still holds the
 /// port until it sees its shutdown signal, so the bind is retried for a while.
@@ -143,7 +152,12 @@ pub fn run(path: PathBuf, config: EdgeConfig, upgrading: bool) -> anyhow::Result
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config));
     server.bootstrap();
 
-    let edge = Edge::new(pool.clone(), Settings::from_config(&config));
+    let tunnels = Arc::new(Tunnels::default());
+    let edge = Edge::new(
+        pool.clone(),
+        Settings::from_config(&config),
+        tunnels.clone(),
+    );
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, edge);
     let listen = config.server.listen.to_string();
     match (&config.server.tls_cert, &config.server.tls_key) {
@@ -162,6 +176,7 @@ pub fn run(path: PathBuf, config: EdgeConfig, upgrading: bool) -> anyhow::Result
         config,
         pool,
         reloader,
+        tunnels,
         upgrading,
     };
     server.add_service(proxy);

@@ -1,14 +1,15 @@
 //! The request path: pingora's `ProxyHttp` callbacks, one named phase each.
 //!
-//! 1. `early_request_filter`: timeouts — plain HTTP gets `server.http_read_timeout`, an
-//!    upgrade request gets `tunnel.idle_timeout` (or none), never pingora's 60 s default.
-//! 2. `request_filter`: client identity (trusted proxies), per-client admission, hash key.
-//! 3. `upstream_peer`: sticky cookie or the ring; the per-backend upgrade cap.
-//! 4. `fail_to_connect`: passive ejection and a retry on the next ring node.
+//! 1. `early_request_filter`: plain HTTP gets `server.http_read_timeout`; an upgrade gets
+//!    no pingora read timeout at all (its tunnel applies `tunnel.idle_timeout` itself).
+//! 2. `request_filter`: client identity (trusted proxies), per-client admission, hash key;
+//!    upgrades are then handled completely by `Edge::handle_upgrade` and [`tunnel`].
+//! 3. `upstream_peer` (plain HTTP): sticky cookie or the ring.
+//! 4. `fail_to_connect` / `error_while_proxy`: passive ejection and a retry on the next
+//!    ring node while nothing has reached the client.
 //! 5. `upstream_request_filter`: forwarding headers and the request id.
-//! 6. `response_filter`: tunnel accounting, sticky cookie, metrics.
+//! 6. `response_filter`: sticky cookie, metrics.
 //! 7. `fail_to_proxy`: every rejection answers its status with `Retry-After`.
-//! 8. `logging`: idle-timeout accounting when a tunnel ends.
 
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -25,6 +26,7 @@ use crate::key::{self, TrustedProxies};
 use crate::limits::{ClientLimits, ClientSlot, Limit};
 use crate::metrics;
 use crate::pool::{BackendState, Pool, lock};
+use crate::tunnel;
 
 /// How many backends one request may try before it fails.
 const MAX_CONNECT_ATTEMPTS: usize = 8;
@@ -75,15 +77,17 @@ pub struct Edge {
     pool: Arc<Pool>,
     settings: Settings,
     clients: Arc<ClientLimits>,
+    tunnels: Arc<tunnel::Tunnels>,
 }
 
 impl Edge {
-    /// Builds the proxy over `pool`.
-    pub fn new(pool: Arc<Pool>, settings: Settings) -> Self {
+    /// Builds the proxy over `pool`; its tunnels are registered in `tunnels`.
+    pub fn new(pool: Arc<Pool>, settings: Settings, tunnels: Arc<tunnel::Tunnels>) -> Self {
         Self {
             pool,
             settings,
             clients: Arc::new(ClientLimits::default()),
+            tunnels,
         }
     }
 }
@@ -124,7 +128,6 @@ pub struct Ctx {
     sticky_hit: bool,
     request_id: String,
     client_slot: Option<ClientSlot>,
-    tunnel: Option<TunnelGuard>,
 }
 
 fn peer_ip(session: &Session) -> IpAddr {
@@ -167,8 +170,8 @@ impl Edge {
 
     async fn write_rejection(&self, session: &mut Session, limit: Limit) -> Result<()> {
         metrics::rejection(limit.label());
-        if ctx_upgrade(session) {
-            metrics::upgrade("", "rejected");
+        if session.is_upgrade_req() {
+            metrics::upgrade("-", "rejected");
         }
         let retry_after = self.settings.limits.retry_after.as_secs().max(1);
         let mut response = ResponseHeader::build(limit.status(), Some(4))?;
@@ -181,35 +184,113 @@ impl Edge {
             .await
     }
 
-    fn forwarding_headers(
-        &self,
-        session: &Session,
-        request: &mut RequestHeader,
-        ctx: &Ctx,
-    ) -> Result<()> {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Request-Id` for the upstream request.
+    fn forwarding_values(&self, session: &Session, ctx: &Ctx) -> Vec<(&'static str, String)> {
         let peer = peer_ip(session);
         let trusted = self.settings.trusted.contains(peer);
-        let prior = request
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let forwarded_for = match prior {
+        let headers = &session.req_header().headers;
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let forwarded_for = match text("x-forwarded-for") {
             Some(chain) if trusted => format!("{chain}, {peer}"),
             _ => peer.to_string(),
         };
-        request.insert_header("X-Forwarded-For", forwarded_for)?;
-        let proto_given = request.headers.contains_key("x-forwarded-proto");
-        if !(trusted && proto_given) {
-            request.insert_header("X-Forwarded-Proto", self.settings.scheme)?;
+        let proto = match text("x-forwarded-proto") {
+            Some(proto) if trusted => proto.to_owned(),
+            _ => self.settings.scheme.to_owned(),
+        };
+        vec![
+            ("X-Forwarded-For", forwarded_for),
+            ("X-Forwarded-Proto", proto),
+            ("X-Request-Id", ctx.request_id.clone()),
+        ]
+    }
+
+    /// Picks the next backend for an upgrade; `Err` is the rejection to answer.
+    fn next_upgrade_backend(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<Arc<BackendState>, Limit> {
+        let backend = self.choose(session, ctx).ok_or(Limit::NoBackend)?;
+        let cap = self.settings.limits.backend_upgrades_per_second;
+        if !lock(&backend.upgrade_window).try_take(Instant::now(), cap) {
+            tracing::debug!(backend = %backend.id, "backend upgrade rate cap reached");
+            return Err(Limit::BackendUpgradeRate);
         }
-        request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        if !ctx.tried.is_empty() {
+            metrics::retry();
+        }
+        Ok(backend)
+    }
+
+    /// Runs a WebSocket handshake and its tunnel (see [`crate::tunnel`]).
+    async fn handle_upgrade(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let head = tunnel::request_head(session, &self.forwarding_values(session, ctx));
+        let (backend, answer) = loop {
+            let backend = match self.next_upgrade_backend(session, ctx) {
+                Ok(backend) => backend,
+                Err(limit) => {
+                    self.write_rejection(session, limit).await?;
+                    return Ok(true);
+                }
+            };
+            let (connect, answer) = (
+                self.settings.connect_timeout,
+                self.settings.http_read_timeout,
+            );
+            match tunnel::attempt(backend.address, &head, connect, answer).await {
+                Ok(answer) => break (backend, answer),
+                Err(err) => {
+                    tracing::warn!(backend = %backend.id, error = %err, "upgrade attempt failed");
+                    self.pool.passive_failure(backend.address);
+                    ctx.tried.push(backend.address);
+                }
+            }
+            if ctx.tried.len() >= MAX_CONNECT_ATTEMPTS {
+                session.respond_error(502).await?;
+                return Ok(true);
+            }
+        };
+        backend.new_connections.fetch_add(1, Ordering::Relaxed);
+
+        if answer.head.status.as_u16() != 101 {
+            metrics::upgrade(&backend.id, "refused");
+            tunnel::relay_refusal(session, answer).await?;
+            return Ok(true);
+        }
+        let tunnel::Answer {
+            mut head,
+            rest,
+            stream,
+        } = answer;
+        self.add_sticky_cookie(&mut head, &backend, ctx)?;
+        session.set_keepalive(None);
+        let downstream = session.as_downstream_mut();
+        downstream.write_response_header(Box::new(head)).await?;
+        metrics::upgrade(&backend.id, "switched");
+
+        let guard = TunnelGuard::open(backend.clone());
+        let handle = self.tunnels.register();
+        let idle = self.settings.tunnel_idle_timeout;
+        let end = tunnel::relay(session, stream, rest, idle, &handle).await;
+        tunnel::record_end(&backend, end, guard.opened, &ctx.request_id);
+        Ok(true)
+    }
+
+    fn add_sticky_cookie(
+        &self,
+        head: &mut ResponseHeader,
+        backend: &BackendState,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        if let Some(name) = &self.settings.sticky_cookie
+            && !ctx.sticky_hit
+        {
+            let cookie = format!("{name}={}; Path=/; HttpOnly", backend.id);
+            head.append_header("Set-Cookie", cookie)?;
+        }
         Ok(())
     }
-}
-
-fn ctx_upgrade(session: &Session) -> bool {
-    session.is_upgrade_req()
 }
 
 fn request_id(session: &Session, trusted: bool) -> String {
@@ -230,11 +311,8 @@ impl ProxyHttp for Edge {
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         ctx.upgrade = session.is_upgrade_req();
-        let timeout = if ctx.upgrade {
-            self.settings.tunnel_idle_timeout
-        } else {
-            Some(self.settings.http_read_timeout)
-        };
+        // Upgrades are relayed by `tunnel`, which applies its own idle timeout.
+        let timeout = (!ctx.upgrade).then_some(self.settings.http_read_timeout);
         session.set_read_timeout(timeout);
         Ok(())
     }
@@ -259,6 +337,9 @@ impl ProxyHttp for Edge {
             &header.headers,
             client,
         );
+        if ctx.upgrade {
+            return self.handle_upgrade(session, ctx).await;
+        }
         Ok(false)
     }
 
@@ -269,20 +350,14 @@ impl ProxyHttp for Edge {
             return Err(status_error(503, "no backend takes new connections"));
         };
 
-        let cap = self.settings.limits.backend_upgrades_per_second;
-        if ctx.upgrade && !lock(&backend.upgrade_window).try_take(Instant::now(), cap) {
-            tracing::debug!(backend = %backend.id, "backend upgrade rate cap reached");
-            ctx.reject = Some(Limit::BackendUpgradeRate);
-            return Err(status_error(503, "backend upgrade rate cap reached"));
-        }
         if !ctx.tried.is_empty() {
             metrics::retry();
         }
 
         let mut peer = HttpPeer::new(backend.address, false, String::new());
         peer.options.connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.read_timeout = (!ctx.upgrade).then_some(self.settings.http_read_timeout);
-        tracing::trace!(backend = %backend.id, upgrade = ctx.upgrade, "backend chosen");
+        peer.options.read_timeout = Some(self.settings.http_read_timeout);
+        tracing::trace!(backend = %backend.id, "backend chosen");
         ctx.backend = Some(backend);
         Ok(Box::new(peer))
     }
@@ -303,13 +378,46 @@ impl ProxyHttp for Edge {
         e
     }
 
+    /// A backend that dies between accepting the connection and answering (e.g. killed
+    /// with connections in its accept queue) is treated like a connect failure: nothing
+    /// reached the client yet, so an idempotent request retries on the next ring node.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let safe = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let unanswered = session.response_written().is_none();
+        if !safe {
+            e.set_retry(false);
+        } else if unanswered && *e.esource() == ErrorSource::Upstream && !client_reused {
+            if let Some(backend) = ctx.backend.take() {
+                tracing::warn!(backend = %backend.id, error = %e, "backend failed before answering");
+                self.pool.passive_failure(backend.address);
+                ctx.tried.push(backend.address);
+            }
+            e.set_retry(ctx.tried.len() < MAX_CONNECT_ATTEMPTS);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
         request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.forwarding_headers(session, request, ctx)
+        for (name, value) in self.forwarding_values(session, ctx) {
+            request.insert_header(name, value)?;
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -322,21 +430,8 @@ impl ProxyHttp for Edge {
             return Ok(());
         };
         backend.new_connections.fetch_add(1, Ordering::Relaxed);
-        match (ctx.upgrade, response.status.as_u16()) {
-            (true, 101) => {
-                metrics::upgrade(&backend.id, "switched");
-                ctx.tunnel = Some(TunnelGuard::open(backend.clone()));
-            }
-            (true, _) => metrics::upgrade(&backend.id, "refused"),
-            (false, _) => metrics::request(&backend.id),
-        }
-        if let Some(name) = &self.settings.sticky_cookie
-            && !ctx.sticky_hit
-        {
-            let cookie = format!("{name}={}; Path=/; HttpOnly", backend.id);
-            response.append_header("Set-Cookie", cookie)?;
-        }
-        Ok(())
+        metrics::request(&backend.id);
+        self.add_sticky_cookie(response, &backend, ctx)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -365,24 +460,6 @@ impl ProxyHttp for Edge {
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
-        }
-    }
-
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let Some(tunnel) = ctx.tunnel.take() else {
-            return;
-        };
-        let lived_ms = u64::try_from(tunnel.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let idle = e.is_some_and(|e| {
-            *e.etype() == ErrorType::ReadTimedout && *e.esource() == ErrorSource::Downstream
-        });
-        if idle {
-            metrics::idle_timeout();
-            tracing::info!(backend = %tunnel.backend.id, lived_ms, request_id = %ctx.request_id,
-                "tunnel closed: idle timeout");
-        } else {
-            tracing::debug!(backend = %tunnel.backend.id, lived_ms, error = ?e.map(|e| e.to_string()),
-                "tunnel closed");
         }
     }
 }

@@ -15,6 +15,9 @@
 //! - [`live`]: the live terminal view.
 //! - [`runner`]: the commands as library calls (shared by the CLI and the tests).
 //! - [`http`]: a minimal loopback HTTP client for probes and the edge admin API.
+//! - [`bench`]: `ringcast-testbed bench`, Ringcast side by side with nginx, HAProxy and
+//!   the socket.io stack.
+pub mod bench;
 pub mod binaries;
 pub mod checker;
 pub mod fleet;

@@ -3,7 +3,8 @@
 //!
 //! Commands: `up` (start everything, print the endpoints, run until Ctrl-C), `demo` (every
 //! fault in order with 1,000 clients; exits non-zero on any loss), `scenario <fault>` (one
-//! fault alone). Every process started is stopped on exit, Ctrl-C, panic or failure.
+//! fault alone), `bench` (side-by-side benchmarks). Every process started is stopped on exit,
+//! Ctrl-C, panic or failure.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +66,8 @@ enum Command {
         #[command(flatten)]
         load: Load,
     },
+    /// Benchmarks side by side with nginx, HAProxy and the socket.io stack.
+    Bench(ringcast_testbed::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -176,6 +179,10 @@ async fn run(cli: Cli) -> Result<bool> {
     let (name, plan) = match cli.command {
         Command::Up => {
             runner::up(&options).await?;
+            return Ok(true);
+        }
+        Command::Bench(args) => {
+            ringcast_testbed::bench::run(args).await?;
             return Ok(true);
         }
         Command::Demo(load) => ("demo".to_owned(), load.plan(Fault::ALL.to_vec())),

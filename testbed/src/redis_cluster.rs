@@ -230,6 +230,21 @@ impl RedisCluster {
         self.wait_healthy(START_DEADLINE).await
     }
 
+    /// Starts every killed node again and waits until the cluster is healthy.
+    ///
+    /// # Errors
+    /// When a node cannot start or the cluster does not become healthy in time.
+    pub async fn restart_all(&mut self) -> Result<()> {
+        let dir = self.dir.path().to_owned();
+        for server in self.servers.iter_mut().filter(|s| s.child.is_none()) {
+            server.child = Some(spawn_server(&dir, server.port)?);
+        }
+        for port in self.ports() {
+            wait_ping(port, Duration::from_secs(5)).await?;
+        }
+        self.wait_healthy(START_DEADLINE).await
+    }
+
     /// `FLUSHALL` on every healthy master: every key of the cluster is gone.
     ///
     /// # Errors

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior, interval};
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 use crate::auth::Identity;
 use crate::fanout::{ConnHandle, Outbound, encode};
@@ -31,6 +31,10 @@ use cursor::Cursors;
 
 /// How long the node tries to write a close frame before dropping the socket.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a slow consumer has to read what is buffered and find its close frame. Its
+/// queue is already freed; only the socket's buffers stay allocated meanwhile.
+const SLOW_CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the connection loop ended.
 #[derive(Debug)]
@@ -77,9 +81,11 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket) {
 impl Connection {
     async fn run(&mut self) -> Stop {
         let config = &self.node.config.node;
-        let mut heartbeat = interval(config.heartbeat_interval);
+        let first_ping = Instant::now() + config.heartbeat_interval;
+        let mut heartbeat = interval_at(first_ping, config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut save = interval(config.session_save_interval);
+        let first_save = Instant::now() + config.session_save_interval;
+        let mut save = interval_at(first_save, config.session_save_interval);
         save.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let handle = Arc::clone(&self.handle);
         loop {
@@ -215,14 +221,34 @@ impl Connection {
             .closes
             .with_label_values(&[code.to_string().as_str()])
             .inc();
+        let mut patience = CLOSE_WRITE_TIMEOUT;
         if code == close::SLOW_CONSUMER {
             self.node.metrics.slow_consumers.inc();
+            tracing::info!(conn_id = %self.conn, "closing slow consumer");
+            patience = SLOW_CLOSE_WRITE_TIMEOUT;
+            // Free the queued messages now rather than after the close is written.
+            while let Ok(item) = self.queue.try_recv() {
+                self.handle.taken(&item);
+            }
         }
         let frame = Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from(reason.to_owned()),
         }));
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, self.sink.send(frame)).await;
+        let closing = async {
+            if self.sink.send(frame).await.is_err() {
+                return;
+            }
+            // Finish the closing handshake: read (and drop) what the client still sends
+            // until its close frame. Dropping a socket with unread input would reset it and
+            // destroy the frames still on their way to the client.
+            while let Some(Ok(message)) = self.stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(patience, closing).await;
     }
 
     async fn leave_all(&mut self) {

@@ -257,10 +257,34 @@ impl Raw {
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return Incoming::Close(frame.code.into(), frame.reason.to_string());
                 }
-                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return Incoming::Ended,
+                Some(Ok(Message::Close(None))) | None => return Incoming::Ended,
+                Some(Err(err)) => {
+                    eprintln!("websocket read error: {err}");
+                    return Incoming::Ended;
+                }
                 Some(Ok(_)) => {}
             }
         }
+    }
+
+    /// Reads one text frame cheaply: the offset when it is a `message`, else `None`.
+    /// Panics on a close or the end.
+    pub async fn next_message_offset(&mut self) -> Option<u64> {
+        let next = tokio::time::timeout(FRAME_TIMEOUT, self.ws.next())
+            .await
+            .expect("no frame in time");
+        let Some(Ok(Message::Text(text))) = next else {
+            panic!("expected a text frame, got {next:?}");
+        };
+        if !text.starts_with(r#"{"type":"message""#) {
+            return None;
+        }
+        let start = text.find(r#""offset":"#)? + 9;
+        let digits: String = text[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
     }
 
     /// The next frame other than a presence event; panics on a close.

@@ -5,6 +5,8 @@
 //!   The 101 carries `x-echo-id` and the first offered `Sec-WebSocket-Protocol`.
 //! - `GET /readyz`: 200 while ready, 503 after SIGUSR1, `POST /drain` or `--drain-after`
 //!   (SIGUSR2 or `POST /undrain` makes it ready again).
+//! - `POST /close-all`: closes every open WebSocket with close code 1001 (going away), as
+//!   a draining server does.
 //! - `GET /headers`: the request headers as JSON (`{"id":..,"version":..,"headers":{..}}`).
 //! - Any other request: `200` with the backend id as body and in `x-echo-id`. A request
 //!   header `x-echo-status: NNN` makes it answer NNN instead (also for upgrades).
@@ -24,7 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 const BUFFER_BYTES: usize = 8 * 1024;
 const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -46,6 +49,7 @@ struct Args {
 struct Echo {
     id: String,
     ready: AtomicBool,
+    close_all: tokio::sync::watch::Sender<u64>,
 }
 
 /// A parsed request head.
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let echo = Arc::new(Echo {
         id: args.id,
         ready: AtomicBool::new(true),
+        close_all: tokio::sync::watch::channel(0).0,
     });
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
@@ -187,6 +192,10 @@ fn route(head: &Head, echo: &Echo, forced: Option<u16>) -> (u16, String) {
             echo.ready.store(false, Ordering::Relaxed);
             (200, "draining\n".into())
         }
+        ("POST", "/close-all") => {
+            echo.close_all.send_modify(|generation| *generation += 1);
+            (200, "closing\n".into())
+        }
         ("POST", "/undrain") => {
             echo.ready.store(true, Ordering::Relaxed);
             (200, "ready\n".into())
@@ -217,7 +226,17 @@ async fn upgrade(mut stream: TcpStream, head: Head, echo: Arc<Echo>) -> std::io:
         .max_message_size(None)
         .max_frame_size(None);
     let mut socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
-    while let Some(Ok(message)) = socket.next().await {
+    let mut close_all = echo.close_all.subscribe();
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            _ = close_all.changed() => {
+                let frame = CloseFrame { code: CloseCode::Away, reason: "going away".into() };
+                let _ = socket.send(Message::Close(Some(frame))).await;
+                continue;
+            }
+        };
+        let Some(Ok(message)) = message else { break };
         let reply = match message {
             Message::Text(text) if text.as_str() == "__headers__" => {
                 Message::text(head.headers_json(&echo.id))

@@ -87,11 +87,7 @@ async fn broken_reload_is_rejected_with_the_reason() {
     let b1 = Echo::start("b1");
     let edge = Edge::start(&[&b1], "", "").await;
     let text = std::fs::read_to_string(&edge.config_path).unwrap();
-    std::fs::write(
-        &edge.config_path,
-        text.replace("[log]", "[log]\nlevel = \"info\"\nbogus = 1\n#"),
-    )
-    .unwrap();
+    std::fs::write(&edge.config_path, text.replace("[log]", "[log]\nbogus = 1")).unwrap();
     let answer = edge.admin("POST", "/reload", "").await;
     assert_eq!(answer.status, 422);
     assert!(answer.body.contains("edge.toml"), "{}", answer.body);
@@ -111,4 +107,57 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("condition not reached");
+}
+
+/// Graceful binary upgrade (`-u` + SIGQUIT): the new process takes the listener at once;
+/// the old one keeps its tunnels, then closes them spread over the grace period instead
+/// of dropping them all at its end.
+#[tokio::test]
+async fn graceful_upgrade_spreads_the_old_tunnels_closes() {
+    let b1 = Echo::start("b1");
+    let mut edge = Edge::start(&[&b1], "grace_period = \"5s\"", "").await;
+    let mut tunnels = Vec::new();
+    for _ in 0..20 {
+        tunnels.push(ws::connect(&edge.ws_url("/")).await.unwrap().0);
+    }
+    edge.upgrade().await;
+
+    let (mut fresh, _) = ws::connect(&edge.ws_url("/"))
+        .await
+        .expect("new process accepts");
+    assert_eq!(ws::roundtrip(&mut fresh, "new").await, Ok("new".to_owned()));
+    assert_eq!(
+        ws::roundtrip(&mut tunnels[0], "old").await,
+        Ok("old".to_owned())
+    );
+
+    let started = std::time::Instant::now();
+    let closes = futures_util::future::join_all(tunnels.into_iter().map(|mut t| async move {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::StreamExt::next(&mut t),
+        )
+        .await;
+        std::time::Instant::now()
+    }))
+    .await;
+    let first = closes.iter().min().unwrap().duration_since(started);
+    let last = closes.iter().max().unwrap().duration_since(started);
+    assert!(
+        last - first >= Duration::from_secs(2),
+        "closes spread: {first:?}..{last:?}"
+    );
+    assert!(
+        last < Duration::from_secs(15),
+        "all closed before the old process ended: {last:?}"
+    );
+    assert_eq!(
+        ws::roundtrip(&mut fresh, "still").await,
+        Ok("still".to_owned())
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        edge.old_exited(),
+        "the old process exited after its grace period"
+    );
 }

@@ -99,6 +99,7 @@ pub struct Edge {
     pub dir: PathBuf,
     pub config_path: PathBuf,
     child: Option<Child>,
+    old: Option<Child>,
 }
 
 /// The `[[backends]]` entries for `echoes`.
@@ -126,10 +127,15 @@ impl Edge {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = format!(
             "[server]\nlisten = \"{listen}\"\nthreads = 2\nupgrade_socket = \"{}\"\n\
-             pid_file = \"{}\"\ngrace_period = \"1s\"\nshutdown_timeout = \"1s\"\n{server_extra}\n\
+             pid_file = \"{}\"\nshutdown_timeout = \"1s\"\n{}{server_extra}\n\
              [admin]\nlisten = \"{admin}\"\n\n{}\n{}\n{extra}\n[log]\nlevel = \"info\"\n",
             dir.join("upgrade.sock").display(),
             dir.join("edge.pid").display(),
+            if server_extra.contains("grace_period") {
+                ""
+            } else {
+                "grace_period = \"1s\"\n"
+            },
             if extra.contains("[health]") {
                 ""
             } else {
@@ -145,6 +151,7 @@ impl Edge {
             dir,
             config_path,
             child: None,
+            old: None,
         };
         edge.spawn(false);
         edge.wait_ready().await;
@@ -158,6 +165,8 @@ impl Edge {
         if upgrade {
             command.arg("-u");
         }
+        // EDGE_LOG=debug (for example) raises the edge's log level while debugging a test.
+        command.env("RUST_LOG", std::env::var("EDGE_LOG").unwrap_or_default());
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -181,6 +190,29 @@ impl Edge {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Graceful upgrade: starts a new edge with `-u`, then sends the running one SIGQUIT.
+    /// Returns when the new process serves the admin API.
+    pub async fn upgrade(&mut self) {
+        self.old = self.child.take();
+        self.spawn(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let old_pid = self.old.as_ref().map(Child::id).expect("old edge");
+        let status = Command::new("kill")
+            .arg("-QUIT")
+            .arg(old_pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait_ready().await;
+    }
+
+    /// Whether the pre-upgrade process has exited.
+    pub fn old_exited(&mut self) -> bool {
+        self.old
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     pub fn log(&self) -> String {
@@ -230,7 +262,7 @@ impl Edge {
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for mut child in [self.child.take(), self.old.take()].into_iter().flatten() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -344,3 +376,56 @@ pub async fn owners(edge: &Edge, keys: usize) -> Vec<String> {
 
 /// Hash on the `sid` query parameter, then the client address.
 pub const HASH_SID: &str = "[hash]\nsources = [\"query:sid\", \"ip\"]\n";
+
+/// A real nginx with `hash $arg_sid consistent` over the given backends (for the parity
+/// test, which is ignored by default because CI machines may lack nginx).
+pub struct Nginx {
+    pub listen: SocketAddr,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Nginx {
+    pub fn start(echoes: &[&Echo]) -> Self {
+        let seq = EDGE_SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ringcast-nginx-{}-{seq}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let servers: String = echoes
+            .iter()
+            .map(|e| format!("server {};\n", e.address))
+            .collect();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\naccess_log off;\n\
+             client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};\n\
+             uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+             upstream echoes {{\nhash $arg_sid consistent;\n{servers}}}\n\
+             server {{ listen {listen}; location / {{ proxy_pass http://echoes; }} }}\n}}\n",
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx in PATH");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { listen, dir, child }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

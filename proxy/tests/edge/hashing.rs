@@ -122,3 +122,37 @@ async fn weight_zero_keeps_tunnels_and_failover_still_works() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(ws::roundtrip(&mut tunnel, "still").await.unwrap(), "still");
 }
+
+/// The same keys and server list map to the same backends through nginx's
+/// `hash $arg_sid consistent` and through the edge, so replacing nginx remaps nobody.
+#[tokio::test]
+#[ignore = "needs nginx in PATH; run with: cargo test -p ringcast-proxy --test edge -- --ignored"]
+async fn same_mapping_as_nginx_hash_consistent() {
+    let echoes = [
+        Echo::start("b1"),
+        Echo::start("b2"),
+        Echo::start("b3"),
+        Echo::start("b4"),
+    ];
+    let refs: Vec<&Echo> = echoes.iter().collect();
+    let edge = Edge::start(&refs, "", HASH_SID).await;
+    let nginx = crate::common::Nginx::start(&refs);
+    let through_edge = owners(&edge, KEYS).await;
+    let mut through_nginx = Vec::with_capacity(KEYS);
+    for k in 0..KEYS {
+        let path = format!("/?sid=key-{k}");
+        let answer = crate::common::http(nginx.listen, "GET", &path, &[])
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        through_nginx.push(answer.body.trim().to_owned());
+    }
+    let distinct: std::collections::BTreeSet<&String> = through_nginx.iter().collect();
+    assert_eq!(distinct.len(), 4, "every backend owns keys");
+    let differ = through_edge
+        .iter()
+        .zip(&through_nginx)
+        .filter(|(e, n)| e != n)
+        .count();
+    assert_eq!(differ, 0, "{differ} of {KEYS} keys map differently");
+}

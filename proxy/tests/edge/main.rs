@@ -8,4 +8,6 @@ mod hashing;
 mod health;
 mod limits;
 mod proxying;
+mod sticky;
+mod tls;
 mod ws;

@@ -133,7 +133,7 @@ async fn idle_tunnel_outlives_the_http_read_timeout() {
     let (mut client, _) = ws::connect(&edge.ws_url("/ws")).await.unwrap();
 
     let mut stalled = tokio::net::TcpStream::connect(edge.listen).await.unwrap();
-    let head = format!("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab");
+    let head = "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab";
     stalled.write_all(head.as_bytes()).await.unwrap();
     let mut sink = Vec::new();
     let cut = tokio::time::timeout(Duration::from_secs(4), stalled.read_to_end(&mut sink)).await;

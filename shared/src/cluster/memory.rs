@@ -307,6 +307,9 @@ impl MemoryState {
         hub.refresh(self.id, self.expiry(), &self.node);
         hub.sweep_presence(now);
         hub.sessions.retain(|_, (_, expires)| *expires > now);
+        let history_ttl = self.config.history_ttl;
+        hub.rooms
+            .retain(|_, room| room.touched.elapsed() <= history_ttl);
     }
 
     fn stop_tasks(&self) {

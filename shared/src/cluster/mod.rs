@@ -72,7 +72,10 @@ pub struct RoomPosition {
 /// The answer to a resume request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Replay {
-    /// Every message after the requested offset, in order (possibly none).
+    /// Every message after the requested offset, in order (possibly none). They carry the
+    /// room's current epoch, which differs from the requested one when the history was
+    /// continued across a master change (see `docs/cluster.md`); they still follow the
+    /// requested offset without a gap, so a reader should adopt their epoch.
     Complete(Vec<Publication>),
     /// History does not cover the gap (trimmed, expired, or the epoch changed). Nothing is
     /// replayed, never a partial history.

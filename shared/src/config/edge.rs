@@ -320,7 +320,16 @@ impl Validate for ServerConfig {
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => Err(FieldError::new("tls_key", "is required with tls_cert")),
             (None, Some(_)) => Err(FieldError::new("tls_cert", "is required with tls_key")),
-            _ => Ok(()),
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("tls_cert", cert), ("tls_key", key)] {
+                    if !path.is_file() {
+                        let problem = format!("{} is not a readable file", path.display());
+                        return Err(FieldError::new(name, problem));
+                    }
+                }
+                Ok(())
+            }
+            (None, None) => Ok(()),
         }
     }
 }

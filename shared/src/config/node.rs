@@ -173,6 +173,11 @@ pub struct LimitsConfig {
     /// Bytes waiting to be written to one connection; more closes it with 4000.
     /// Default 1048576.
     pub send_queue_bytes: usize,
+    /// Kernel send buffer (`SO_SNDBUF`) of each client socket; 0 (the default) keeps the
+    /// kernel's auto-tuning, which may hold up to `net.ipv4.tcp_wmem` (often 4 MiB) for a
+    /// client that stops reading. A small value bounds that memory and makes a stalled
+    /// client overflow its send queue sooner.
+    pub socket_send_buffer_bytes: usize,
     /// Connections this node accepts; further upgrades get HTTP 503 with `Retry-After`.
     /// Default 19000.
     pub max_connections: usize,
@@ -190,6 +195,7 @@ impl Default for LimitsConfig {
             max_bad_frames: 5,
             send_queue_messages: 1024,
             send_queue_bytes: 1024 * 1024,
+            socket_send_buffer_bytes: 0,
             max_connections: 19_000,
         }
     }

@@ -9,9 +9,11 @@
 //! redis-rs re-sends subscriptions after a reconnect or a slot move and reports them with
 //! `ssubscribe` pushes; messages published while the subscription was away never arrive,
 //! so such rooms (and every room after a disconnection) are marked for a check against
-//! history, done once a second. Every room is also checked once per `presence_ttl` so that
+//! history, done once a second by a separate task that reads the rooms' positions and
+//! hands back only the rooms that are behind. Every room is also checked once per `presence_ttl` so that
 //! a missed message in a room that went quiet is delivered within that bound.
 
+use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -37,7 +39,16 @@ pub(crate) enum Control {
     Activate(String, RoomPosition),
     /// The node left the room.
     Forget(String),
+    /// A check found the room's history ahead of (or different from) what was delivered.
+    Behind(String),
+    /// A check could not read the room's position; check again later.
+    Recheck(String),
+    /// A check round finished.
+    Checked,
 }
+
+/// Rooms whose position a check round reads at once.
+const CHECK_CONCURRENCY: usize = 32;
 
 /// Delivery state of one room.
 enum Track {
@@ -53,6 +64,7 @@ pub(crate) struct Pump {
     control: mpsc::UnboundedReceiver<Control>,
     rooms: HashMap<String, Track>,
     to_check: HashSet<String>,
+    checking: bool,
     direct_channel: String,
 }
 
@@ -69,6 +81,7 @@ impl Pump {
             control,
             rooms: HashMap::new(),
             to_check: HashSet::new(),
+            checking: false,
             direct_channel,
         }
     }
@@ -82,7 +95,7 @@ impl Pump {
                 biased;
                 Some(control) = self.control.recv() => self.on_control(control).await,
                 Some(push) = self.pushes.recv() => self.on_push(push).await,
-                _ = check.tick() => self.check_marked().await,
+                _ = check.tick() => self.start_check(),
                 _ = full_check.tick() => self.mark_all(),
                 else => return,
             }
@@ -109,6 +122,11 @@ impl Pump {
                 self.rooms.remove(&room);
                 self.to_check.remove(&room);
             }
+            Control::Behind(room) => self.catch_up(&room, None).await,
+            Control::Recheck(room) => {
+                self.to_check.insert(room);
+            }
+            Control::Checked => self.checking = false,
         }
     }
 
@@ -296,17 +314,51 @@ impl Pump {
         }
     }
 
-    async fn check_marked(&mut self) {
-        let rooms: Vec<String> = self.to_check.iter().cloned().collect();
-        for room in rooms {
-            self.catch_up(&room, None).await;
+    /// Starts a check round of the marked rooms off the pump, so that reading many
+    /// positions never delays delivery; only rooms found behind come back to the pump.
+    fn start_check(&mut self) {
+        if self.checking || self.to_check.is_empty() {
+            return;
         }
+        let marked: Vec<String> = self.to_check.drain().collect();
+        let rooms: Vec<(String, RoomPosition)> = marked
+            .into_iter()
+            .filter_map(|room| match self.rooms.get(&room) {
+                Some(Track::Active(position)) => Some((room, position.clone())),
+                _ => None,
+            })
+            .collect();
+        self.checking = true;
+        tokio::spawn(check_rooms(self.shared.clone(), rooms));
     }
 
     async fn emit(&self, event: ClusterEvent) {
         // A closed receiver means the node stopped listening; nothing to do then.
         let _ = self.shared.events.send(event).await;
     }
+}
+
+/// Compares each room's delivered position with its history and tells the pump which
+/// rooms are behind.
+async fn check_rooms(shared: Arc<Shared>, rooms: Vec<(String, RoomPosition)>) {
+    let reads = rooms.into_iter().map(|(room, delivered)| {
+        let shared = shared.clone();
+        async move {
+            let now = history::position(&shared, &room).await;
+            match now {
+                Ok(now) if now == delivered => None,
+                Ok(_) => Some(Control::Behind(room)),
+                Err(_) => Some(Control::Recheck(room)),
+            }
+        }
+    });
+    let mut results = futures_util::stream::iter(reads).buffer_unordered(CHECK_CONCURRENCY);
+    while let Some(result) = results.next().await {
+        if let Some(control) = result {
+            let _ = shared.control.send(control);
+        }
+    }
+    let _ = shared.control.send(Control::Checked);
 }
 
 fn direct_event(message: DirectMessage) -> ClusterEvent {

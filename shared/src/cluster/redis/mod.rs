@@ -71,7 +71,7 @@ pub(crate) struct Shared {
     available: AtomicBool,
     owned: Mutex<Owned>,
     rooms: Mutex<HashSet<String>>,
-    control: mpsc::UnboundedSender<Control>,
+    pub control: mpsc::UnboundedSender<Control>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -273,16 +273,23 @@ impl ClusterState for RedisState {
         let subscribed = self.shared.call(&channel, conn.ssubscribe(&channel)).await;
         let position = match subscribed {
             Ok(()) => history::position(&self.shared, room).await,
-            Err(err) => Err(err),
+            Err(err) => {
+                self.control(Control::Forget(room.to_owned()));
+                return Err(err);
+            }
         };
-        match &position {
+        match position {
             Ok(position) => {
                 lock(&self.shared.rooms).insert(room.to_owned());
                 self.control(Control::Activate(room.to_owned(), position.clone()));
+                Ok(position)
             }
-            Err(_) => self.control(Control::Forget(room.to_owned())),
+            Err(err) => {
+                self.control(Control::Forget(room.to_owned()));
+                let _ = conn.sunsubscribe(&channel).await;
+                Err(err)
+            }
         }
-        position
     }
 
     async fn unsubscribe_room(&self, room: &str) -> ClusterResult<()> {

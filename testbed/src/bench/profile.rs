@@ -1,0 +1,92 @@
+//! CPU profiles of compared processes taken with `perf` during a benchmark run, so that a
+//! shortfall in the report can be explained by where the time went rather than by a guess.
+//! Enabled with `--profile`; when `perf` is missing or not permitted the profile is skipped
+//! and the report says so.
+
+use super::procs::Proc;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Sampling frequency, per second.
+const FREQUENCY: &str = "499";
+/// Symbols shown per profile.
+const TOP: usize = 14;
+
+/// A running `perf record` attached to some processes.
+pub struct Profile {
+    proc: Proc,
+    file: PathBuf,
+    /// What was profiled, for the report.
+    pub label: String,
+}
+
+impl Profile {
+    /// Starts sampling `pids` (all threads) until [`Profile::finish`].
+    pub fn start(label: &str, pids: &[u32], dir: &Path) -> anyhow::Result<Self> {
+        anyhow::ensure!(!pids.is_empty(), "nothing to profile");
+        let file = dir.join(format!("perf-{}.data", label.replace(['/', ' '], "_")));
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let mut cmd = Command::new("perf");
+        cmd.args(["record", "-F", FREQUENCY, "-g", "-p", &list.join(","), "-o"])
+            .arg(&file);
+        let log = dir.join(format!("perf-{}.log", label.replace(['/', ' '], "_")));
+        let proc = Proc::spawn("perf", cmd, &log)?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Ok(Self {
+            proc,
+            file,
+            label: label.to_owned(),
+        })
+    }
+
+    /// Stops sampling and returns the hottest symbols as text.
+    pub fn finish(self) -> anyhow::Result<String> {
+        let pid = nix::unistd::Pid::from_raw(self.proc.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() || zombie(pid.as_raw() as u32) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        drop(self.proc);
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "-g",
+                "none",
+                "--sort",
+                "comm,dso,sym",
+                "-i",
+            ])
+            .arg(&self.file)
+            .stderr(Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(TOP)
+            .collect();
+        anyhow::ensure!(!lines.is_empty(), "perf recorded no samples");
+        Ok(lines.join("\n"))
+    }
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// A report subsection with every profile taken.
+pub fn render(profiles: &[(String, String)]) -> String {
+    if profiles.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("CPU profiles (`perf record -g`, self time, top symbols):\n\n");
+    for (label, text) in profiles {
+        out += &format!("{label}:\n\n```\n{text}\n```\n\n");
+    }
+    out
+}
