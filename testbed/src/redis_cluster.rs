@@ -60,6 +60,7 @@ pub struct NodeView {
 pub struct RedisCluster {
     dir: tempfile::TempDir,
     servers: Vec<Server>,
+    watchdog: Option<Child>,
 }
 
 impl RedisCluster {
@@ -73,9 +74,11 @@ impl RedisCluster {
         let dir = tempfile::Builder::new()
             .prefix("ringcast-redis-")
             .tempdir()?;
+        let watchdog = Some(spawn_watchdog(dir.path())?);
         let mut cluster = Self {
             dir,
             servers: Vec::new(),
+            watchdog,
         };
         for _ in 0..6 {
             let server = spawn_on_free_port(cluster.dir.path()).await?;
@@ -183,6 +186,8 @@ impl RedisCluster {
         let mut child = server.child.take().context("node already killed")?;
         child.kill()?;
         child.wait()?;
+        // The watchdog must not find a stale pid file that may name another process later.
+        let _ = std::fs::remove_file(self.dir.path().join(pid_file(port)));
         Ok(())
     }
 
@@ -286,7 +291,7 @@ impl RedisCluster {
             let mut conn = connect_node(*port).await?;
             cluster_cmd(&mut conn, &["MEET", "127.0.0.1", &first.to_string()]).await?;
         }
-        self.wait_all_known(Duration::from_secs(10)).await?;
+        self.wait_all_known(Duration::from_secs(20)).await?;
         for (replica, master) in ports[3..].iter().zip(&ports[..3]) {
             let master_id = cluster_text(*master, "MYID").await?;
             let mut conn = connect_node(*replica).await?;
@@ -377,7 +382,36 @@ impl Drop for RedisCluster {
                 let _ = child.wait();
             }
         }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
     }
+}
+
+fn pid_file(port: u16) -> String {
+    format!("redis-{port}.pid")
+}
+
+/// A shell that outlives this process only long enough to kill the servers and remove
+/// the folder if the process dies without dropping the fixture (SIGKILL, abort, CI
+/// timeout); `Drop` kills it first in the normal case.
+fn spawn_watchdog(dir: &Path) -> Result<Child> {
+    let dir = dir.to_str().context("temp dir path is not UTF-8")?;
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         for f in '{dir}'/*.pid; do [ -f \"$f\" ] && kill -9 \"$(cat \"$f\")\"; done; \
+         rm -rf '{dir}'",
+        pid = std::process::id(),
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the fixture watchdog shell")
 }
 
 fn url(port: u16) -> String {
@@ -442,6 +476,7 @@ async fn spawn_on_free_port(dir: &Path) -> Result<Server> {
 fn spawn_server(dir: &Path, port: u16) -> Result<Child> {
     let port_text = port.to_string();
     let timeout = NODE_TIMEOUT_MS.to_string();
+    let pid_path = dir.join(pid_file(port)).to_string_lossy().into_owned();
     let args = [
         "--port",
         &port_text,
@@ -465,6 +500,8 @@ fn spawn_server(dir: &Path, port: u16) -> Result<Child> {
         "0",
         "--logfile",
         &format!("redis-{port}.log"),
+        "--pidfile",
+        &pid_path,
         "--dir",
         dir.to_str().context("temp dir path is not UTF-8")?,
         "--protected-mode",

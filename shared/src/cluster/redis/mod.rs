@@ -32,7 +32,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
@@ -72,6 +72,7 @@ pub(crate) struct Shared {
     owned: Mutex<Owned>,
     rooms: Mutex<HashSet<String>>,
     pub control: mpsc::UnboundedSender<Control>,
+    probe: Notify,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,12 +93,11 @@ impl Shared {
         request: impl Future<Output = RedisResult<T>>,
     ) -> ClusterResult<T> {
         let result = request.await.map_err(|err| classify(&err, key));
-        match &result {
-            Ok(_) => self.set_available(true),
-            Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_)) => {
-                self.set_available(false);
-            }
-            Err(_) => {}
+        if let Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_)) = &result {
+            // Only the refresh task declares Redis reachable again, after a full round,
+            // so mixed answers during a failover do not make availability flap.
+            self.set_available(false);
+            self.probe.notify_one();
         }
         result
     }
@@ -145,12 +145,29 @@ impl Shared {
         run_all(presence).await?;
         let users = connections
             .into_iter()
-            .map(|(user, conns)| async move { registry::register(self, &user, &conns).await });
+            .map(|(user, conns)| async move { self.refresh_connections(&user, conns).await });
         run_all(users).await?;
         let sweeps = rooms
             .into_iter()
             .map(|room| async move { presence::list(self, &room).await.map(drop) });
         run_all(sweeps).await
+    }
+}
+
+impl Shared {
+    /// Extends this node's connections of `user`; one unregistered while the refresh ran
+    /// (and re-added by it) is removed again.
+    async fn refresh_connections(&self, user: &str, conns: Vec<String>) -> ClusterResult<()> {
+        registry::register(self, user, &conns).await?;
+        let gone: Vec<String> = {
+            let owned = self.owned();
+            let still = |c: &String| owned.connections.get(user).is_some_and(|s| s.contains(c));
+            conns.into_iter().filter(|c| !still(c)).collect()
+        };
+        for conn in gone {
+            registry::unregister(self, user, &conn).await?;
+        }
+        Ok(())
     }
 }
 
@@ -169,24 +186,33 @@ where
     first_error.map_or(Ok(()), Err)
 }
 
-/// Refreshes until aborted; retries sooner, with backoff, while refreshes fail.
+/// Refreshes until aborted; retries sooner, with backoff, while refreshes fail. A failed
+/// request elsewhere wakes it early. Its outcome is what `is_available` reports.
 async fn refresh_loop(shared: Arc<Shared>) {
     let period = shared.config.presence_ttl / 3;
-    let mut delay = period;
+    let mut failures: u32 = 0;
     loop {
-        tokio::time::sleep(delay).await;
-        delay = match shared.refresh().await {
-            Ok(()) => period,
-            Err(err) => {
-                warn!(node = %shared.node.id, %err, "refresh failed");
-                let next = if delay >= period {
-                    FIRST_RETRY
-                } else {
-                    delay * 2
-                };
-                next.min(period)
-            }
+        let delay = match failures {
+            0 => period,
+            n => FIRST_RETRY.saturating_mul(1 << (n - 1).min(16)).min(period),
         };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.probe.notified(), if failures == 0 => {}
+        }
+        match shared.refresh().await {
+            Ok(()) => {
+                failures = 0;
+                shared.set_available(true);
+            }
+            Err(err) => {
+                if failures == 0 {
+                    warn!(node = %shared.node.id, %err, "refresh failed; retrying with backoff");
+                }
+                failures = failures.saturating_add(1);
+                shared.set_available(false);
+            }
+        }
     }
 }
 
@@ -229,6 +255,7 @@ pub(crate) async fn connect(
         owned: Mutex::new(Owned::default()),
         rooms: Mutex::new(HashSet::new()),
         control: control_tx,
+        probe: Notify::new(),
     });
     let direct = shared.keys.direct_channel(&shared.node.id);
     let mut conn = shared.conn.clone();

@@ -129,9 +129,20 @@ pub(crate) async fn join(
 }
 
 pub(crate) async fn leave(shared: &Shared, room: &str, conn_id: &str) -> ClusterResult<()> {
-    if let Some(members) = shared.owned().presence.get_mut(room) {
-        members.remove(conn_id);
+    {
+        let mut owned = shared.owned();
+        if let Some(members) = owned.presence.get_mut(room) {
+            members.remove(conn_id);
+            if members.is_empty() {
+                owned.presence.remove(room);
+            }
+        }
     }
+    remove(shared, room, conn_id).await
+}
+
+/// Removes an entry and announces the leave (when the entry existed).
+async fn remove(shared: &Shared, room: &str, conn_id: &str) -> ClusterResult<()> {
     let keys = shared.keys.room(room);
     let mut invocation = LEAVE_SCRIPT.prepare_invoke();
     invocation
@@ -143,10 +154,6 @@ pub(crate) async fn leave(shared: &Shared, room: &str, conn_id: &str) -> Cluster
     let _: i64 = shared
         .call(&keys.presence, invocation.invoke_async(&mut conn))
         .await?;
-    shared
-        .owned()
-        .presence
-        .retain(|_, members| !members.is_empty());
     Ok(())
 }
 
@@ -170,13 +177,15 @@ pub(crate) async fn list(shared: &Shared, room: &str) -> ClusterResult<Vec<Prese
     Ok(members)
 }
 
-/// Extends every entry this instance owns in `room`.
+/// Extends every entry this instance owns in `room`. An entry that left while the
+/// refresh ran (and was re-added by it) is removed again.
 pub(crate) async fn refresh(
     shared: &Shared,
     room: &str,
     members: Vec<(String, String)>,
 ) -> ClusterResult<()> {
     let keys = shared.keys.room(room);
+    let conn_ids: Vec<String> = members.iter().map(|(conn_id, _)| conn_id.clone()).collect();
     let mut invocation = REFRESH_SCRIPT.prepare_invoke();
     invocation
         .key(&keys.presence)
@@ -190,6 +199,15 @@ pub(crate) async fn refresh(
     let _: i64 = shared
         .call(&keys.presence, invocation.invoke_async(&mut conn))
         .await?;
+
+    let left: Vec<String> = {
+        let owned = shared.owned();
+        let still = |c: &String| owned.presence.get(room).is_some_and(|m| m.contains_key(c));
+        conn_ids.into_iter().filter(|c| !still(c)).collect()
+    };
+    for conn_id in left {
+        remove(shared, room, &conn_id).await?;
+    }
     Ok(())
 }
 
