@@ -167,6 +167,11 @@ impl Report {
         );
         let _ = writeln!(
             out,
+            "- delivery after ack: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; later than 1 s: {}",
+            t.delivery.p50_ms, t.delivery.p99_ms, t.delivery.max_ms, t.late_deliveries
+        );
+        let _ = writeln!(
+            out,
             "- publishes acked: {}, without ack: {}; deliveries: {}; out of order: {}",
             t.acked, t.unacked, t.delivered, t.out_of_order
         );
@@ -177,7 +182,7 @@ impl Report {
         let mut out = String::from(
             "| phase | start s | acked | delivered | lost msgs | dups | not recovered | \
              clients lost | failed handshakes | reconnects | p50 ms | p99 ms | max ms | \
-             busiest s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             busiest s | late |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         let rows = self
             .phases
@@ -188,7 +193,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "| {name} | {start:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | \
-                 {:.0} | {:.0} % |",
+                 {:.0} | {:.0} % | {} |",
                 t.acked,
                 t.delivered,
                 t.lost_messages,
@@ -200,7 +205,8 @@ impl Report {
                 t.reconnect.p50_ms,
                 t.reconnect.p99_ms,
                 t.reconnect.max_ms,
-                t.busiest_second_share * 100.0
+                t.busiest_second_share * 100.0,
+                t.late_deliveries
             );
         }
         out
