@@ -324,43 +324,67 @@ pub async fn relay(
         return TunnelEnd::Error;
     }
     let mut buf = vec![0u8; RELAY_BYTES];
-    let far_future = Duration::from_secs(86_400 * 365);
-    let idle_for = idle.unwrap_or(far_future);
+    let idle_for = idle.unwrap_or(NO_IDLE_LIMIT);
     let mut deadline = tokio::time::Instant::now() + idle_for;
     loop {
-        tokio::select! {
-            from_client = downstream.read_request_body() => match from_client {
-                Ok(Some(data)) => {
-                    if upstream.write_all(&data).await.is_err() {
-                        return TunnelEnd::Error;
-                    }
-                }
-                Ok(None) => {
-                    let _ = upstream.shutdown().await;
-                    return TunnelEnd::Downstream;
-                }
-                Err(_) => return TunnelEnd::Error,
-            },
-            from_backend = upstream.read(&mut buf) => match from_backend {
-                Ok(0) => {
-                    let _ = downstream.write_response_body(Bytes::new(), true).await;
-                    return TunnelEnd::Upstream;
-                }
-                Ok(n) => {
-                    let data = Bytes::copy_from_slice(&buf[..n]);
-                    if downstream.write_response_body(data, false).await.is_err() {
-                        return TunnelEnd::Error;
-                    }
-                }
-                Err(_) => return TunnelEnd::Upstream,
-            },
-            () = tokio::time::sleep_until(deadline) => return TunnelEnd::Idle,
+        let end = tokio::select! {
+            from_client = downstream.read_request_body() => {
+                to_backend(from_client, &mut upstream).await
+            }
+            from_backend = upstream.read(&mut buf) => {
+                to_client(from_backend, &buf, downstream).await
+            }
+            () = tokio::time::sleep_until(deadline) => Some(TunnelEnd::Idle),
             () = handle.close.notified() => {
                 let _ = upstream.shutdown().await;
-                return TunnelEnd::Shutdown;
+                Some(TunnelEnd::Shutdown)
             }
+        };
+        if let Some(end) = end {
+            return end;
         }
         deadline = tokio::time::Instant::now() + idle_for;
+    }
+}
+
+/// An idle limit long enough to mean "none".
+const NO_IDLE_LIMIT: Duration = Duration::from_secs(86_400 * 365);
+
+/// Forwards what the client sent; `Some` when the tunnel ends.
+async fn to_backend(
+    read: pingora::Result<Option<Bytes>>,
+    upstream: &mut TcpStream,
+) -> Option<TunnelEnd> {
+    match read {
+        Ok(Some(data)) => upstream
+            .write_all(&data)
+            .await
+            .err()
+            .map(|_| TunnelEnd::Error),
+        Ok(None) => {
+            let _ = upstream.shutdown().await;
+            Some(TunnelEnd::Downstream)
+        }
+        Err(_) => Some(TunnelEnd::Error),
+    }
+}
+
+/// Forwards what the backend sent; `Some` when the tunnel ends.
+async fn to_client(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    downstream: &mut pingora::protocols::http::ServerSession,
+) -> Option<TunnelEnd> {
+    match read {
+        Ok(0) | Err(_) => {
+            let _ = downstream.write_response_body(Bytes::new(), true).await;
+            Some(TunnelEnd::Upstream)
+        }
+        Ok(n) => {
+            let data = Bytes::copy_from_slice(&buf[..n]);
+            let written = downstream.write_response_body(data, false).await;
+            written.err().map(|_| TunnelEnd::Error)
+        }
     }
 }
 

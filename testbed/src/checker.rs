@@ -36,6 +36,9 @@ pub type ClientId = u32;
 /// A room, numbered from 0 (its name is `room-<n>`).
 pub type RoomId = u32;
 
+/// A delivery later than this after its ack counts as late.
+pub const LATE_DELIVERY: Duration = Duration::from_secs(1);
+
 /// How many individual losses and duplicates the verdict lists by example.
 const SAMPLE_LIMIT: usize = 20;
 
@@ -185,6 +188,11 @@ pub struct Tally {
     pub reconnects: u64,
     /// Reconnect time, disconnect to every room re-joined.
     pub reconnect: Latency,
+    /// Delivery time: from the publisher's ack to the subscriber's delivery (deliveries of
+    /// acked messages only; replays after a resume included).
+    pub delivery: Latency,
+    /// Deliveries later than [`LATE_DELIVERY`] after their ack.
+    pub late_deliveries: u64,
     /// Share of this phase's reconnects that completed in its busiest second (0 to 1).
     pub busiest_second_share: f64,
 }
@@ -252,6 +260,8 @@ struct Segment {
 /// Walks the events and keeps the per-client state the verdict needs.
 struct Walker<'a> {
     phases: &'a [Phase],
+    index: &'a AckIndex,
+    delivery: Vec<Vec<Duration>>,
     open: HashMap<(ClientId, RoomId), Segment>,
     closed: Vec<Segment>,
     received: HashMap<(ClientId, RoomId), HashSet<MsgId>>,
@@ -264,11 +274,11 @@ struct Walker<'a> {
 /// Checks a run's events against its phases; see the module docs for the rules.
 pub fn check(events: &[Event], phases: &[Phase]) -> Verdict {
     let index = index_acks(events);
-    let mut walker = Walker::new(phases);
+    let mut walker = Walker::new(phases, &index);
     for event in events {
         walker.step(event);
     }
-    walker.finish(&index)
+    walker.finish()
 }
 
 fn index_acks(events: &[Event]) -> AckIndex {
@@ -304,10 +314,12 @@ fn phase_of(phases: &[Phase], at: Duration) -> usize {
 }
 
 impl<'a> Walker<'a> {
-    fn new(phases: &'a [Phase]) -> Self {
+    fn new(phases: &'a [Phase], index: &'a AckIndex) -> Self {
         let count = phases.len().max(1);
         Self {
             phases,
+            index,
+            delivery: vec![Vec::new(); count],
             open: HashMap::new(),
             closed: Vec::new(),
             received: HashMap::new(),
@@ -336,7 +348,10 @@ impl<'a> Walker<'a> {
                 epoch,
                 offset,
                 msg,
-            } => self.delivered(phase, client, *room, epoch, *offset, *msg),
+            } => {
+                self.time_delivery(phase, event.at, *room, epoch, *offset, *msg);
+                self.delivered(phase, client, *room, epoch, *offset, *msg);
+            }
             EventKind::Redelivered => self.tallies[phase].redelivered += 1,
             EventKind::Resync => self.tallies[phase].resyncs += 1,
             EventKind::Disconnected => self.tallies[phase].disconnects += 1,
@@ -454,16 +469,40 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// Records how long after its ack an acked message was delivered.
+    fn time_delivery(
+        &mut self,
+        phase: usize,
+        at: Duration,
+        room: RoomId,
+        epoch: &Arc<str>,
+        offset: u64,
+        msg: Option<MsgId>,
+    ) {
+        let acked = self
+            .index
+            .get(&(room, epoch.clone()))
+            .and_then(|history| history.get(&offset));
+        let Some(acked) = acked.filter(|acked| Some(acked.msg) == msg) else {
+            return;
+        };
+        let took = at.saturating_sub(acked.at);
+        if took > LATE_DELIVERY {
+            self.tallies[phase].late_deliveries += 1;
+        }
+        self.delivery[phase].push(took);
+    }
+
     fn phase_name(&self, phase: usize) -> String {
         self.phases
             .get(phase)
             .map_or_else(|| "run".to_owned(), |p| p.name.clone())
     }
 
-    fn finish(mut self, index: &AckIndex) -> Verdict {
+    fn finish(mut self) -> Verdict {
         let open: Vec<Segment> = self.open.drain().map(|(_, segment)| segment).collect();
         self.closed.extend(open);
-        let lost_examples = self.count_losses(index);
+        let lost_examples = self.count_losses();
         let reconnect_ms = self
             .reconnects
             .iter()
@@ -482,7 +521,8 @@ impl<'a> Walker<'a> {
     }
 
     /// Compares every segment's required messages with what its client received.
-    fn count_losses(&mut self, index: &AckIndex) -> Vec<Finding> {
+    fn count_losses(&mut self) -> Vec<Finding> {
+        let index = self.index;
         let mut examples = Vec::new();
         let empty = HashSet::new();
         for segment in &self.closed {
@@ -524,6 +564,7 @@ impl<'a> Walker<'a> {
         let mut out = Vec::new();
         for (i, tally) in self.tallies.iter_mut().enumerate() {
             tally.reconnect = latency(&self.reconnects[i]);
+            tally.delivery = latency(&self.delivery[i]);
             tally.busiest_second_share = busiest_share(&self.reconnect_at[i]);
             out.push((
                 self.phases.get(i).map_or("run", |p| &p.name).to_owned(),
@@ -540,6 +581,8 @@ impl<'a> Walker<'a> {
         }
         let all: Vec<Duration> = self.reconnects.iter().flatten().copied().collect();
         total.reconnect = latency(&all);
+        let delivery: Vec<Duration> = self.delivery.iter().flatten().copied().collect();
+        total.delivery = latency(&delivery);
         let seconds: Vec<u64> = self.reconnect_at.iter().flatten().copied().collect();
         total.busiest_second_share = busiest_share(&seconds);
         total
@@ -562,6 +605,7 @@ fn add_counts(total: &mut Tally, tally: &Tally) {
     total.failed_handshakes += tally.failed_handshakes;
     total.disconnects += tally.disconnects;
     total.reconnects += tally.reconnects;
+    total.late_deliveries += tally.late_deliveries;
 }
 
 /// p50/p99/max of `samples`, recorded in microseconds.

@@ -198,3 +198,39 @@ async fn run(cli: Cli) -> Result<bool> {
     println!("\n{}", report.markdown());
     Ok(report.passed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_with_units() {
+        assert_eq!(parse_duration("8s"), Ok(Duration::from_secs(8)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn the_cli_parses_a_scenario() {
+        let cli = Cli::try_parse_from([
+            "ringcast-testbed",
+            "--nodes",
+            "2",
+            "scenario",
+            "kill-node",
+            "--clients",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(cli.nodes, 2);
+        let Command::Scenario { fault, load } = cli.command else {
+            panic!("not a scenario");
+        };
+        assert_eq!(fault, Fault::KillNode);
+        assert_eq!(load.clients, 10);
+        assert!(Cli::try_parse_from(["ringcast-testbed", "scenario", "melt"]).is_err());
+    }
+}

@@ -24,7 +24,8 @@ const BUCKETS_MS: [f64; 11] = [
 pub struct Report {
     /// What ran, e.g. `demo` or `scenario kill-node`.
     pub command: String,
-    /// No client and no acked message lost, nothing duplicated, every fault step done.
+    /// No client and no acked message lost, nothing duplicated, every fault step done, no
+    /// process died unexpectedly.
     pub passed: bool,
     /// The plan.
     pub plan: RunPlan,
@@ -74,7 +75,9 @@ impl Report {
         marks: Vec<Mark>,
     ) -> Self {
         let verdict = outcome.verdict;
-        let passed = verdict.passed() && outcome.fault_errors.is_empty();
+        let passed = verdict.passed()
+            && outcome.fault_errors.is_empty()
+            && outcome.unexpected_deaths.is_empty();
         let phases = outcome
             .phases
             .iter()
@@ -164,6 +167,11 @@ impl Report {
         );
         let _ = writeln!(
             out,
+            "- delivery after ack: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; later than 1 s: {}",
+            t.delivery.p50_ms, t.delivery.p99_ms, t.delivery.max_ms, t.late_deliveries
+        );
+        let _ = writeln!(
+            out,
             "- publishes acked: {}, without ack: {}; deliveries: {}; out of order: {}",
             t.acked, t.unacked, t.delivered, t.out_of_order
         );
@@ -174,7 +182,7 @@ impl Report {
         let mut out = String::from(
             "| phase | start s | acked | delivered | lost msgs | dups | not recovered | \
              clients lost | failed handshakes | reconnects | p50 ms | p99 ms | max ms | \
-             busiest s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             busiest s | late |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         let rows = self
             .phases
@@ -185,7 +193,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "| {name} | {start:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | \
-                 {:.0} | {:.0} % |",
+                 {:.0} | {:.0} % | {} |",
                 t.acked,
                 t.delivered,
                 t.lost_messages,
@@ -197,7 +205,8 @@ impl Report {
                 t.reconnect.p50_ms,
                 t.reconnect.p99_ms,
                 t.reconnect.max_ms,
-                t.busiest_second_share * 100.0
+                t.busiest_second_share * 100.0,
+                t.late_deliveries
             );
         }
         out

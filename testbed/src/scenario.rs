@@ -121,7 +121,7 @@ pub async fn run(
     begin(&mut phases, &stats, "cooldown");
     fleet.stop_publishing();
     wait_connected(&stats, plan.clients, plan.resume_window).await;
-    wait_quiet(&stats, Duration::from_secs(2), Duration::from_secs(30)).await;
+    wait_quiet(&stats, Duration::from_secs(5), Duration::from_secs(30)).await;
     let events = fleet.finish().await;
     save_events(stack, &events);
     let mut unexpected_deaths = Vec::new();

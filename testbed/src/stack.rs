@@ -243,7 +243,31 @@ impl Stack {
                 response.body
             );
         }
+        self.wait_backend_healthy(&id, READY_DEADLINE).await?;
         Ok(id)
+    }
+
+    /// Polls the edge's `GET /backends` until `id` is listed as healthy.
+    async fn wait_backend_healthy(&self, id: &str, deadline: Duration) -> Result<()> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let listing = http::get(self.edge_admin, "/backends").await?;
+            let backends: Vec<serde_json::Value> =
+                serde_json::from_str(&listing.body).unwrap_or_default();
+            let healthy = backends
+                .iter()
+                .any(|backend| backend["id"] == id && backend["state"].as_str() == Some("healthy"));
+            if healthy {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!(
+                    "edge does not list {id} as healthy after {deadline:?}: {}",
+                    listing.body
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops the edge and every node at once (SIGTERM, then SIGKILL after a deadline); Redis

@@ -156,3 +156,68 @@ async fn same_mapping_as_nginx_hash_consistent() {
         .count();
     assert_eq!(differ, 0, "{differ} of {KEYS} keys map differently");
 }
+
+/// Which backend serves a client connecting from `source` (hashing on the client address).
+async fn owner_from(edge: &Edge, source: std::net::Ipv4Addr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut stream = socket.connect(edge.listen).await.unwrap();
+    let request = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer.rsplit("\r\n\r\n").next().unwrap().trim().to_owned()
+}
+
+async fn owners_from(edge: &Edge, sources: &[std::net::Ipv4Addr]) -> Vec<String> {
+    let mut out = Vec::new();
+    for source in sources {
+        out.push(owner_from(edge, *source).await);
+    }
+    out
+}
+
+/// Hashing on the client address uses the full address (not the /24 as `ip_hash` does), and
+/// removing a backend from the config file and adding it back (reloads) moves only its
+/// clients, then restores exactly the old mapping.
+#[tokio::test]
+async fn client_address_hashing_survives_config_removal_and_return() {
+    use std::net::Ipv4Addr;
+    let echoes = [Echo::start("b1"), Echo::start("b2"), Echo::start("b3")];
+    let refs: Vec<&Echo> = echoes.iter().collect();
+    let edge = Edge::start(&refs, "", "[hash]\nsources = [\"ip\"]\n").await;
+
+    let one_net: Vec<Ipv4Addr> = (1..=60).map(|d| Ipv4Addr::new(127, 9, 9, d)).collect();
+    let spread: std::collections::BTreeSet<String> =
+        owners_from(&edge, &one_net).await.into_iter().collect();
+    assert_eq!(
+        spread.len(),
+        3,
+        "clients of one /24 spread over every backend"
+    );
+
+    let sources: Vec<Ipv4Addr> = (0..300u16)
+        .map(|i| Ipv4Addr::new(127, 10 + (i / 200) as u8, (i % 200) as u8, 1))
+        .collect();
+    let baseline = owners_from(&edge, &sources).await;
+    let full = std::fs::read_to_string(&edge.config_path).unwrap();
+    let b2 = crate::common::backends_toml(&[&echoes[1]]);
+    std::fs::write(&edge.config_path, full.replace(&b2, "")).unwrap();
+    assert_eq!(edge.admin("POST", "/reload", "").await.status, 200);
+    let moved = only_moved_from(&baseline, &owners_from(&edge, &sources).await, "b2");
+    let share = moved as f64 / sources.len() as f64;
+    assert!(
+        (share - 1.0 / 3.0).abs() < 0.1,
+        "removing one of three moved {share}"
+    );
+
+    std::fs::write(&edge.config_path, full).unwrap();
+    assert_eq!(edge.admin("POST", "/reload", "").await.status, 200);
+    assert_eq!(
+        owners_from(&edge, &sources).await,
+        baseline,
+        "the same keys returned"
+    );
+}

@@ -246,6 +246,22 @@ fn a_client_still_away_at_the_end_fails_the_run_without_message_losses() {
 }
 
 #[test]
+fn deliveries_are_timed_from_their_ack() {
+    let mut run = Run::new();
+    run.join(0, 0, None);
+    run.join(1, 0, None);
+    run.publish(1, 1, &[1]);
+    run.ack(0, 2, 2);
+    run.now += Duration::from_secs(3);
+    run.deliver(1, 0, 2, 2);
+    let verdict = run.check(&[]);
+    assert!(verdict.passed());
+    assert_eq!(verdict.total.late_deliveries, 1);
+    assert!((verdict.total.delivery.max_ms - 3010.0).abs() < 5.0);
+    assert!((verdict.total.delivery.p50_ms - 10.0).abs() < 1.0);
+}
+
+#[test]
 fn offsets_of_another_epoch_are_not_confused() {
     let mut run = Run::new();
     run.join(0, 0, None);
