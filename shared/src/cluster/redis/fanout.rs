@@ -45,6 +45,8 @@ pub(crate) enum Control {
     Recheck(String),
     /// A check round finished.
     Checked,
+    /// Check every room against history (after the node subscribed again).
+    CheckAll,
 }
 
 /// Rooms whose position a check round reads at once.
@@ -127,6 +129,7 @@ impl Pump {
                 self.to_check.insert(room);
             }
             Control::Checked => self.checking = false,
+            Control::CheckAll => self.mark_all(),
         }
     }
 

@@ -96,15 +96,16 @@ impl Shared {
         if let Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_)) = &result {
             // Only the refresh task declares Redis reachable again, after a full round,
             // so mixed answers during a failover do not make availability flap.
-            self.set_available(false);
+            let _ = self.set_available(false);
             self.probe.notify_one();
         }
         result
     }
 
-    fn set_available(&self, up: bool) {
+    /// Records reachability; returns whether it changed.
+    fn set_available(&self, up: bool) -> bool {
         if self.available.swap(up, Ordering::Relaxed) == up {
-            return;
+            return false;
         }
         if up {
             info!(node = %self.node.id, "Redis Cluster reachable again");
@@ -118,6 +119,29 @@ impl Shared {
         {
             warn!(node = %self.node.id, "event channel full; connectivity change not queued");
         }
+        true
+    }
+
+    /// Subscribes again to every channel this node needs, then has every room checked
+    /// against history.
+    ///
+    /// After a master failover, redis-rs does not always move a sharded subscription to
+    /// the promoted replica (seen with redis-rs 1.8: live messages of the failed shard
+    /// stopped until the next periodic check). Subscribing again routes each channel by
+    /// the current slot map; `SSUBSCRIBE` of a channel already subscribed is harmless.
+    async fn resubscribe_all(&self) {
+        let rooms: Vec<String> = lock(&self.rooms).iter().cloned().collect();
+        let mut channels = vec![self.keys.direct_channel(&self.node.id)];
+        channels.extend(rooms.iter().map(|room| self.keys.room(room).channel));
+        let mut conn = self.conn.clone();
+        let mut failed = 0_usize;
+        for channel in &channels {
+            if conn.ssubscribe(channel).await.is_err() {
+                failed += 1;
+            }
+        }
+        info!(node = %self.node.id, channels = channels.len(), failed, "subscribed again after an outage");
+        let _ = self.control.send(Control::CheckAll);
     }
 
     /// One refresh round: heartbeat, owned entries, sweeps of subscribed rooms.
@@ -203,14 +227,16 @@ async fn refresh_loop(shared: Arc<Shared>) {
         match shared.refresh().await {
             Ok(()) => {
                 failures = 0;
-                shared.set_available(true);
+                if shared.set_available(true) {
+                    shared.resubscribe_all().await;
+                }
             }
             Err(err) => {
                 if failures == 0 {
                     warn!(node = %shared.node.id, %err, "refresh failed; retrying with backoff");
                 }
                 failures = failures.saturating_add(1);
-                shared.set_available(false);
+                let _ = shared.set_available(false);
             }
         }
     }
