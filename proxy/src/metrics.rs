@@ -49,7 +49,7 @@ fn build() -> Metrics {
         ),
         upgrades: counter_vec(
             "ringcast_edge_upgrades_total",
-            "Upgrade requests by backend and result (switched, refused, failed)",
+            "Upgrade requests by backend and result (switched, refused, refused_retried, failed)",
             &["backend", "result"],
         ),
         requests: counter_vec(

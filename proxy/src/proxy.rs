@@ -226,10 +226,15 @@ impl Edge {
     /// Runs a WebSocket handshake and its tunnel (see [`crate::tunnel`]).
     async fn handle_upgrade(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let head = tunnel::request_head(session, &self.forwarding_values(session, ctx));
+        // The last 503 a backend answered, passed on when no other backend can take over.
+        let mut refused = None;
         let (backend, answer) = loop {
             let backend = match self.next_upgrade_backend(session, ctx) {
                 Ok(backend) => backend,
                 Err(limit) => {
+                    if let (Limit::NoBackend, Some(last)) = (&limit, refused.take()) {
+                        break last;
+                    }
                     self.write_rejection(session, limit).await?;
                     return Ok(true);
                 }
@@ -239,6 +244,18 @@ impl Edge {
                 self.settings.http_read_timeout,
             );
             match tunnel::attempt(backend.address, &head, connect, answer).await {
+                Ok(answer)
+                    if is_draining_refusal(&answer)
+                        && ctx.tried.len() + 1 < MAX_CONNECT_ATTEMPTS =>
+                {
+                    // A draining node refuses new clients with 503 until the health checks
+                    // notice. Nothing reached the client yet: try the next ring node. This
+                    // is not a failure, so the backend is not ejected.
+                    tracing::info!(backend = %backend.id, "upgrade refused with 503; trying the next ring node");
+                    metrics::upgrade(&backend.id, "refused_retried");
+                    ctx.tried.push(backend.address);
+                    refused = Some((backend, answer));
+                }
                 Ok(answer) => break (backend, answer),
                 Err(err) => {
                     tracing::warn!(backend = %backend.id, error = %err, "upgrade attempt failed");
@@ -462,4 +479,9 @@ impl ProxyHttp for Edge {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// Whether a backend's answer to an upgrade is the 503 of a node that is draining or full.
+fn is_draining_refusal(answer: &tunnel::Answer) -> bool {
+    answer.head.status.as_u16() == 503
 }

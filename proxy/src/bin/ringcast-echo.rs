@@ -4,7 +4,8 @@
 //!   the request headers of the upgrade as JSON; text `__id__` answers the backend id.
 //!   The 101 carries `x-echo-id` and the first offered `Sec-WebSocket-Protocol`.
 //! - `GET /readyz`: 200 while ready, 503 after SIGUSR1, `POST /drain` or `--drain-after`
-//!   (SIGUSR2 or `POST /undrain` makes it ready again).
+//!   (SIGUSR2 or `POST /undrain` makes it ready again). While draining, upgrades are
+//!   refused with 503 too.
 //! - `POST /close-all`: closes every open WebSocket with close code 1001 (going away), as
 //!   a draining server does.
 //! - `GET /headers`: the request headers as JSON (`{"id":..,"version":..,"headers":{..}}`).
@@ -166,6 +167,11 @@ async fn serve(mut stream: TcpStream, echo: Arc<Echo>) -> std::io::Result<()> {
     let forced = head
         .header("x-echo-status")
         .and_then(|s| s.parse::<u16>().ok());
+    // A draining server refuses new WebSocket clients with 503, as a draining node does.
+    let forced = forced.or_else(|| {
+        let draining = head.is_upgrade() && !echo.ready.load(Ordering::Relaxed);
+        draining.then_some(503)
+    });
     if head.is_upgrade() && forced.is_none() {
         return upgrade(stream, head, echo).await;
     }

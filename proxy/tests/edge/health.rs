@@ -277,3 +277,32 @@ async fn rolling_restart_disconnects_only_the_affected_clients() {
         );
     }
 }
+
+/// A node that starts draining refuses upgrades with 503 before the health checks notice;
+/// the edge sends those handshakes to the next ring node, so no client sees the refusal.
+#[tokio::test]
+async fn upgrade_refused_by_a_draining_backend_goes_to_the_next_node() {
+    let b1 = Echo::start("b1");
+    let b2 = Echo::start("b2");
+    let slow_checks = format!("{HASH_SID}[health]\ninterval = \"60s\"\n");
+    let edge = Edge::start(&[&b1, &b2], "", &slow_checks).await;
+    b1.set_draining(true).await;
+    assert_eq!(edge.backend("b1").await["state"], "healthy");
+
+    for k in 0..100 {
+        let (_client, id) = ws::connect(&edge.ws_url(&format!("/?sid=k{k}")))
+            .await
+            .unwrap_or_else(|err| panic!("key k{k} failed its handshake: {err}"));
+        assert_eq!(id, "b2", "key k{k}");
+    }
+    assert!(
+        edge.metric("ringcast_edge_upgrades_total{backend=\"b1\",result=\"refused_retried\"}")
+            .await
+            > 0.0
+    );
+
+    // With no other node left, the draining node's own 503 reaches the client.
+    b2.set_draining(true).await;
+    let refused = ws::connect(&edge.ws_url("/?sid=k0")).await;
+    assert!(refused.is_err(), "both backends refuse new clients");
+}
