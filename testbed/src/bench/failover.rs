@@ -10,7 +10,7 @@
 //!   using the same policy: first retry after a random 0–1 s, then doubling up to 8 s
 //!   (full jitter; socket.io-client's default first delay is about 1 s).
 
-use super::fanout::RingcastSide;
+use super::fanout::{AbortOnDrop, RingcastSide};
 use super::loadgen;
 use super::report::Ctx;
 use super::ringcast;
@@ -162,21 +162,29 @@ async fn measure(
     anyhow::ensure!(!victim_sources.is_empty(), "no client landed on {victim}");
     let kill_at = Arc::new(Mutex::new(None::<Instant>));
     let back = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
     for (source, client) in clients {
         let on_victim = client.server == victim;
         let (target, back, kill_at) = (target.clone(), back.clone(), kill_at.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut ws = client.ws;
             while let Some(Ok(_)) = ws.next().await {}
-            if on_victim {
-                let got_back = rejoin(stack, &target, source).await;
-                let at = *kill_at.lock().expect("lock");
-                if let (Some(t), Some(kill)) = (got_back, at) {
-                    back.lock().expect("lock").push((t - kill).as_secs_f64());
-                }
+            if !on_victim {
+                return;
             }
-        });
+            let Some((at, client)) = rejoin(stack, &target, source).await else {
+                return;
+            };
+            let kill = *kill_at.lock().expect("lock");
+            if let Some(kill) = kill {
+                back.lock().expect("lock").push((at - kill).as_secs_f64());
+            }
+            let mut ws = client.ws;
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
     }
+    // Every client's socket closes when this measurement ends.
+    let _clients = AbortOnDrop(tasks);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let probes = start_probes(stack, &target, &victim_sources);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -205,20 +213,20 @@ async fn measure(
     })
 }
 
-/// Reconnects with full jitter (first delay 0–1 s, doubling to 8 s) until joined again.
-async fn rejoin(stack: Stack, target: &loadgen::Target, source: Ipv4Addr) -> Option<Instant> {
+/// Reconnects with full jitter (first delay 0–1 s, doubling to 8 s) until joined again;
+/// returns when and the new connection.
+async fn rejoin(
+    stack: Stack,
+    target: &loadgen::Target,
+    source: Ipv4Addr,
+) -> Option<(Instant, rooms::Client)> {
     let deadline = Instant::now() + WATCH;
     let mut cap = 1.0f64;
     while Instant::now() < deadline {
         let wait = rand::rng().random_range(0.0..cap);
         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
         if let Ok(client) = rooms::member(stack, target, source, ROOM).await {
-            let at = Instant::now();
-            tokio::spawn(async move {
-                let mut ws = client.ws;
-                while let Some(Ok(_)) = ws.next().await {}
-            });
-            return Some(at);
+            return Some((Instant::now(), client));
         }
         cap = (cap * 2.0).min(8.0);
     }
