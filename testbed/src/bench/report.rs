@@ -99,7 +99,8 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
     };
     let mut doc = header(&ctx);
     for part in parts {
-        eprintln!("== bench {part:?} ({})", now_utc());
+        let load = shell("cut -d' ' -f1-3 /proc/loadavg").trim().to_owned();
+        eprintln!("== bench {part:?} ({}, load {load})", now_utc());
         let section = match part {
             Part::Edge => super::edge::run(&ctx).await,
             Part::Idle => super::idle::run(&ctx).await,
@@ -107,7 +108,10 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
             Part::Failover => super::failover::run(&ctx).await,
             Part::Scale => super::scale::run(&ctx).await,
         };
-        doc += &section.unwrap_or_else(|err| format!("## {part:?}\n\nNot measured: {err:#}\n\n"));
+        let section =
+            section.unwrap_or_else(|err| format!("## {part:?}\n\nNot measured: {err:#}\n\n"));
+        doc += &section;
+        doc += &format!("Load average before this part: {load}.\n\n");
         if let Some(out) = &common.out {
             std::fs::write(out, &doc).with_context(|| format!("write {out:?}"))?;
         }
