@@ -29,6 +29,8 @@ const MEMBERS: usize = 1_000;
 /// Source /24 networks of the members (the same for both stacks; both proxies hash the
 /// client address).
 const MEMBER_NETWORKS: usize = 30;
+/// Attempts to connect and join per member before the session fails.
+const JOIN_ATTEMPTS: usize = 3;
 /// Publishes per second of each step.
 const RATES: [f64; 6] = [10.0, 30.0, 100.0, 300.0, 1_000.0, 3_000.0];
 /// A step whose arrivals fall below this share of the offered deliveries is saturated.
@@ -201,7 +203,17 @@ async fn start_members(
         let (gate, target) = (gate.clone(), target.clone());
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire().await?;
-            rooms::member(stack, &target, loadgen::source_ip(i, MEMBER_NETWORKS), ROOM).await
+            let source = loadgen::source_ip(i, MEMBER_NETWORKS);
+            let mut attempt = 0;
+            loop {
+                // Setup only: a member that could not join is retried (the failures of
+                // interest are measured in the failover bench).
+                match rooms::member(stack, &target, source, ROOM).await {
+                    Ok(client) => return Ok(client),
+                    Err(err) if attempt >= JOIN_ATTEMPTS => return Err(err),
+                    Err(_) => attempt += 1,
+                }
+            }
         }));
     }
     let mut tallies = Vec::new();

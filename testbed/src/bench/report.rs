@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+/// Set this variable to keep the scratch folder (configs and logs) after the run.
+pub const KEEP_ENV: &str = "RINGCAST_BENCH_KEEP";
+
 /// A benchmark that can be part of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
@@ -118,6 +121,9 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
     }
     if common.out.is_none() {
         println!("{doc}");
+    }
+    if std::env::var_os(KEEP_ENV).is_some() {
+        eprintln!("configs and logs kept in {}", ctx.dir.keep().display());
     }
     Ok(())
 }
