@@ -66,6 +66,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             match outcome {
                 Ok(o) => {
                     o.record(&mut samples, stack.label());
+                    if let Some(first) = o.refused.first() {
+                        let n = o.refused.len();
+                        notes.push(format!(
+                            "{} round {round}: {n} failed reconnect attempts, first: {first}",
+                            stack.label()
+                        ));
+                    }
                     spread_of_reconnects.push((stack.label().to_owned(), o.reconnects));
                 }
                 Err(err) => notes.push(format!("{} round {round}: {err:#}", stack.label())),
@@ -114,6 +121,7 @@ struct Outcome {
     route_ms: f64,
     failed_probes: u64,
     reconnects: Vec<f64>,
+    refused: Vec<String>,
 }
 
 impl Outcome {
@@ -121,6 +129,7 @@ impl Outcome {
         samples.push(label, "victims", self.victims as f64);
         samples.push(label, "route_ms", self.route_ms);
         samples.push(label, "failed", self.failed_probes as f64);
+        samples.push(label, "refused", self.refused.len() as f64);
         let back = self.reconnects.len() as f64;
         samples.push(
             label,
@@ -162,17 +171,19 @@ async fn measure(
     anyhow::ensure!(!victim_sources.is_empty(), "no client landed on {victim}");
     let kill_at = Arc::new(Mutex::new(None::<Instant>));
     let back = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut tasks = Vec::new();
     for (source, client) in clients {
         let on_victim = client.server == victim;
         let (target, back, kill_at) = (target.clone(), back.clone(), kill_at.clone());
+        let refused = refused.clone();
         tasks.push(tokio::spawn(async move {
             let mut ws = client.ws;
             while let Some(Ok(_)) = ws.next().await {}
             if !on_victim {
                 return;
             }
-            let Some((at, client)) = rejoin(stack, &target, source).await else {
+            let Some((at, client)) = rejoin(stack, &target, source, &refused).await else {
                 return;
             };
             let kill = *kill_at.lock().expect("lock");
@@ -199,6 +210,7 @@ async fn measure(
         .max()
         .map_or(0.0, |t| (*t - kill_time).as_secs_f64() * 1000.0);
     let reconnects = back.lock().expect("lock").clone();
+    let refused = refused.lock().expect("lock").clone();
     eprintln!(
         "  {} victims, route-around {route_ms:.0} ms, {} failed probes, {} back",
         victim_sources.len(),
@@ -210,6 +222,7 @@ async fn measure(
         route_ms,
         failed_probes: after.len() as u64,
         reconnects,
+        refused,
     })
 }
 
@@ -219,14 +232,16 @@ async fn rejoin(
     stack: Stack,
     target: &loadgen::Target,
     source: Ipv4Addr,
+    refused: &Mutex<Vec<String>>,
 ) -> Option<(Instant, rooms::Client)> {
     let deadline = Instant::now() + WATCH;
     let mut cap = 1.0f64;
     while Instant::now() < deadline {
         let wait = rand::rng().random_range(0.0..cap);
         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-        if let Ok(client) = rooms::member(stack, target, source, ROOM).await {
-            return Some((Instant::now(), client));
+        match rooms::member(stack, target, source, ROOM).await {
+            Ok(client) => return Some((Instant::now(), client)),
+            Err(err) => refused.lock().expect("lock").push(format!("{err:#}")),
         }
         cap = (cap * 2.0).min(8.0);
     }
@@ -286,6 +301,7 @@ fn render(s: &Samples, reconnects: &[(String, Vec<f64>)], notes: &[String]) -> S
                 s.cell(l, "route_ms", 0),
                 s.cell(l, "failed", 0),
                 s.cell(l, "victims", 0),
+                s.cell(l, "refused", 0),
                 s.cell(l, "back_share", 0),
                 s.cell(l, "rc_p50", 2),
                 s.cell(l, "rc_p90", 2),
@@ -299,6 +315,7 @@ fn render(s: &Samples, reconnects: &[(String, Vec<f64>)], notes: &[String]) -> S
             "route-around ms",
             "failed probe handshakes",
             "clients on killed server",
+            "failed reconnect attempts",
             "% back within 12 s",
             "reconnect p50 s",
             "p90 s",
