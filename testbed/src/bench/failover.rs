@@ -37,6 +37,8 @@ const PROBES: usize = 4;
 /// Reconnect time buckets (upper bounds, seconds) of the distribution table.
 const BUCKETS: [f64; 6] = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0];
 const ROOM: &str = "bench-failover";
+/// Marks the duration of a successful reconnect in the attempts log.
+const JOIN_TOOK: &str = "ok after ";
 
 /// Runs the failover bench and returns its report section.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
@@ -122,6 +124,10 @@ struct Outcome {
     failed_probes: u64,
     reconnects: Vec<f64>,
     refused: Vec<String>,
+    /// Seconds from the kill until each victim saw its connection end.
+    noticed: Vec<f64>,
+    /// Seconds the successful reconnect (connect, hello, join) took.
+    join_s: Vec<f64>,
 }
 
 impl Outcome {
@@ -130,6 +136,12 @@ impl Outcome {
         samples.push(label, "route_ms", self.route_ms);
         samples.push(label, "failed", self.failed_probes as f64);
         samples.push(label, "refused", self.refused.len() as f64);
+        if let Some(p50) = stats::median(&self.join_s) {
+            samples.push(label, "join_p50", p50);
+        }
+        if let Some(p50) = stats::median(&self.noticed) {
+            samples.push(label, "noticed_p50", p50);
+        }
         let back = self.reconnects.len() as f64;
         samples.push(
             label,
@@ -172,16 +184,23 @@ async fn measure(
     let kill_at = Arc::new(Mutex::new(None::<Instant>));
     let back = Arc::new(Mutex::new(Vec::new()));
     let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let noticed = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (source, client) in clients {
         let on_victim = client.server == victim;
         let (target, back, kill_at) = (target.clone(), back.clone(), kill_at.clone());
-        let refused = refused.clone();
+        let (refused, noticed) = (refused.clone(), noticed.clone());
         tasks.push(tokio::spawn(async move {
             let mut ws = client.ws;
             while let Some(Ok(_)) = ws.next().await {}
             if !on_victim {
                 return;
+            }
+            if let Some(kill) = *kill_at.lock().expect("lock") {
+                noticed
+                    .lock()
+                    .expect("lock")
+                    .push(kill.elapsed().as_secs_f64());
             }
             let Some((at, client)) = rejoin(stack, &target, source, &refused).await else {
                 return;
@@ -210,7 +229,14 @@ async fn measure(
         .max()
         .map_or(0.0, |t| (*t - kill_time).as_secs_f64() * 1000.0);
     let reconnects = back.lock().expect("lock").clone();
-    let refused = refused.lock().expect("lock").clone();
+    let attempts = refused.lock().expect("lock").clone();
+    let (ok, refused): (Vec<String>, Vec<String>) =
+        attempts.into_iter().partition(|a| a.starts_with(JOIN_TOOK));
+    let join_s = ok
+        .iter()
+        .filter_map(|a| a[JOIN_TOOK.len()..].parse().ok())
+        .collect();
+    let noticed = noticed.lock().expect("lock").clone();
     eprintln!(
         "  {} victims, route-around {route_ms:.0} ms, {} failed probes, {} back",
         victim_sources.len(),
@@ -223,6 +249,8 @@ async fn measure(
         failed_probes: after.len() as u64,
         reconnects,
         refused,
+        noticed,
+        join_s,
     })
 }
 
@@ -239,8 +267,16 @@ async fn rejoin(
     while Instant::now() < deadline {
         let wait = rand::rng().random_range(0.0..cap);
         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        let attempt = Instant::now();
         match rooms::member(stack, target, source, ROOM).await {
-            Ok(client) => return Some((Instant::now(), client)),
+            Ok(client) => {
+                let took = attempt.elapsed().as_secs_f64();
+                refused
+                    .lock()
+                    .expect("lock")
+                    .push(format!("{JOIN_TOOK}{took}"));
+                return Some((Instant::now(), client));
+            }
             Err(err) => refused.lock().expect("lock").push(format!("{err:#}")),
         }
         cap = (cap * 2.0).min(8.0);
@@ -301,7 +337,9 @@ fn render(s: &Samples, reconnects: &[(String, Vec<f64>)], notes: &[String]) -> S
                 s.cell(l, "route_ms", 0),
                 s.cell(l, "failed", 0),
                 s.cell(l, "victims", 0),
+                s.cell(l, "noticed_p50", 3),
                 s.cell(l, "refused", 0),
+                s.cell(l, "join_p50", 3),
                 s.cell(l, "back_share", 0),
                 s.cell(l, "rc_p50", 2),
                 s.cell(l, "rc_p90", 2),
@@ -315,7 +353,9 @@ fn render(s: &Samples, reconnects: &[(String, Vec<f64>)], notes: &[String]) -> S
             "route-around ms",
             "failed probe handshakes",
             "clients on killed server",
+            "disconnect seen after (p50 s)",
             "failed reconnect attempts",
+            "successful reconnect took (p50 s)",
             "% back within 12 s",
             "reconnect p50 s",
             "p90 s",
