@@ -10,7 +10,7 @@
 //!   using the same policy: first retry after a random 0–1 s, then doubling up to 8 s
 //!   (full jitter; socket.io-client's default first delay is about 1 s).
 
-use super::fanout::RingcastSide;
+use super::fanout::{AbortOnDrop, RingcastSide};
 use super::loadgen;
 use super::report::Ctx;
 use super::ringcast;
@@ -37,6 +37,8 @@ const PROBES: usize = 4;
 /// Reconnect time buckets (upper bounds, seconds) of the distribution table.
 const BUCKETS: [f64; 6] = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0];
 const ROOM: &str = "bench-failover";
+/// Marks the duration of a successful reconnect in the attempts log.
+const JOIN_TOOK: &str = "ok after ";
 
 /// Runs the failover bench and returns its report section.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
@@ -66,6 +68,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             match outcome {
                 Ok(o) => {
                     o.record(&mut samples, stack.label());
+                    if let Some(first) = o.refused.first() {
+                        let n = o.refused.len();
+                        notes.push(format!(
+                            "{} round {round}: {n} failed reconnect attempts, first: {first}",
+                            stack.label()
+                        ));
+                    }
                     spread_of_reconnects.push((stack.label().to_owned(), o.reconnects));
                 }
                 Err(err) => notes.push(format!("{} round {round}: {err:#}", stack.label())),
@@ -114,6 +123,11 @@ struct Outcome {
     route_ms: f64,
     failed_probes: u64,
     reconnects: Vec<f64>,
+    refused: Vec<String>,
+    /// Seconds from the kill until each victim saw its connection end.
+    noticed: Vec<f64>,
+    /// Seconds the successful reconnect (connect, hello, join) took.
+    join_s: Vec<f64>,
 }
 
 impl Outcome {
@@ -121,6 +135,13 @@ impl Outcome {
         samples.push(label, "victims", self.victims as f64);
         samples.push(label, "route_ms", self.route_ms);
         samples.push(label, "failed", self.failed_probes as f64);
+        samples.push(label, "refused", self.refused.len() as f64);
+        if let Some(p50) = stats::median(&self.join_s) {
+            samples.push(label, "join_p50", p50);
+        }
+        if let Some(p50) = stats::median(&self.noticed) {
+            samples.push(label, "noticed_p50", p50);
+        }
         let back = self.reconnects.len() as f64;
         samples.push(
             label,
@@ -162,21 +183,38 @@ async fn measure(
     anyhow::ensure!(!victim_sources.is_empty(), "no client landed on {victim}");
     let kill_at = Arc::new(Mutex::new(None::<Instant>));
     let back = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let noticed = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
     for (source, client) in clients {
         let on_victim = client.server == victim;
         let (target, back, kill_at) = (target.clone(), back.clone(), kill_at.clone());
-        tokio::spawn(async move {
+        let (refused, noticed) = (refused.clone(), noticed.clone());
+        tasks.push(tokio::spawn(async move {
             let mut ws = client.ws;
             while let Some(Ok(_)) = ws.next().await {}
-            if on_victim {
-                let got_back = rejoin(stack, &target, source).await;
-                let at = *kill_at.lock().expect("lock");
-                if let (Some(t), Some(kill)) = (got_back, at) {
-                    back.lock().expect("lock").push((t - kill).as_secs_f64());
-                }
+            if !on_victim {
+                return;
             }
-        });
+            if let Some(kill) = *kill_at.lock().expect("lock") {
+                noticed
+                    .lock()
+                    .expect("lock")
+                    .push(kill.elapsed().as_secs_f64());
+            }
+            let Some((at, client)) = rejoin(stack, &target, source, &refused).await else {
+                return;
+            };
+            let kill = *kill_at.lock().expect("lock");
+            if let Some(kill) = kill {
+                back.lock().expect("lock").push((at - kill).as_secs_f64());
+            }
+            let mut ws = client.ws;
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
     }
+    // Every client's socket closes when this measurement ends.
+    let _clients = AbortOnDrop(tasks);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let probes = start_probes(stack, &target, &victim_sources);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -191,6 +229,14 @@ async fn measure(
         .max()
         .map_or(0.0, |t| (*t - kill_time).as_secs_f64() * 1000.0);
     let reconnects = back.lock().expect("lock").clone();
+    let attempts = refused.lock().expect("lock").clone();
+    let (ok, refused): (Vec<String>, Vec<String>) =
+        attempts.into_iter().partition(|a| a.starts_with(JOIN_TOOK));
+    let join_s = ok
+        .iter()
+        .filter_map(|a| a[JOIN_TOOK.len()..].parse().ok())
+        .collect();
+    let noticed = noticed.lock().expect("lock").clone();
     eprintln!(
         "  {} victims, route-around {route_ms:.0} ms, {} failed probes, {} back",
         victim_sources.len(),
@@ -202,23 +248,36 @@ async fn measure(
         route_ms,
         failed_probes: after.len() as u64,
         reconnects,
+        refused,
+        noticed,
+        join_s,
     })
 }
 
-/// Reconnects with full jitter (first delay 0–1 s, doubling to 8 s) until joined again.
-async fn rejoin(stack: Stack, target: &loadgen::Target, source: Ipv4Addr) -> Option<Instant> {
+/// Reconnects with full jitter (first delay 0–1 s, doubling to 8 s) until joined again;
+/// returns when and the new connection.
+async fn rejoin(
+    stack: Stack,
+    target: &loadgen::Target,
+    source: Ipv4Addr,
+    refused: &Mutex<Vec<String>>,
+) -> Option<(Instant, rooms::Client)> {
     let deadline = Instant::now() + WATCH;
     let mut cap = 1.0f64;
     while Instant::now() < deadline {
         let wait = rand::rng().random_range(0.0..cap);
         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-        if let Ok(client) = rooms::member(stack, target, source, ROOM).await {
-            let at = Instant::now();
-            tokio::spawn(async move {
-                let mut ws = client.ws;
-                while let Some(Ok(_)) = ws.next().await {}
-            });
-            return Some(at);
+        let attempt = Instant::now();
+        match rooms::member(stack, target, source, ROOM).await {
+            Ok(client) => {
+                let took = attempt.elapsed().as_secs_f64();
+                refused
+                    .lock()
+                    .expect("lock")
+                    .push(format!("{JOIN_TOOK}{took}"));
+                return Some((Instant::now(), client));
+            }
+            Err(err) => refused.lock().expect("lock").push(format!("{err:#}")),
         }
         cap = (cap * 2.0).min(8.0);
     }
@@ -278,6 +337,9 @@ fn render(s: &Samples, reconnects: &[(String, Vec<f64>)], notes: &[String]) -> S
                 s.cell(l, "route_ms", 0),
                 s.cell(l, "failed", 0),
                 s.cell(l, "victims", 0),
+                s.cell(l, "noticed_p50", 3),
+                s.cell(l, "refused", 0),
+                s.cell(l, "join_p50", 3),
                 s.cell(l, "back_share", 0),
                 s.cell(l, "rc_p50", 2),
                 s.cell(l, "rc_p90", 2),
@@ -291,6 +353,9 @@ fn render(s: &Samples, reconnects: &[(String, Vec<f64>)], notes: &[String]) -> S
             "route-around ms",
             "failed probe handshakes",
             "clients on killed server",
+            "disconnect seen after (p50 s)",
+            "failed reconnect attempts",
+            "successful reconnect took (p50 s)",
             "% back within 12 s",
             "reconnect p50 s",
             "p90 s",

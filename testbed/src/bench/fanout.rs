@@ -26,6 +26,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Room members.
 const MEMBERS: usize = 1_000;
+/// Source /24 networks of the members (the same for both stacks; both proxies hash the
+/// client address).
+const MEMBER_NETWORKS: usize = 30;
+/// Attempts to connect and join per member before the session fails.
+const JOIN_ATTEMPTS: usize = 3;
 /// Publishes per second of each step.
 const RATES: [f64; 6] = [10.0, 30.0, 100.0, 300.0, 1_000.0, 3_000.0];
 /// A step whose arrivals fall below this share of the offered deliveries is saturated.
@@ -56,8 +61,12 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             };
             eprintln!("fanout round {round} {}", stack.label());
             let pids = [pids, seed.redis_pids()].concat();
-            if let Err(err) = session(ctx, stack, addr, &pids, &mut samples).await {
-                notes.push(format!("{} round {round} failed: {err:#}", stack.label()));
+            match session(ctx, stack, addr, &pids, &mut samples).await {
+                Ok(spread) if round == 0 => {
+                    notes.push(format!("{} members per server: {spread:?}", stack.label()));
+                }
+                Ok(_) => {}
+                Err(err) => notes.push(format!("{} round {round} failed: {err:#}", stack.label())),
             }
         }
     }
@@ -126,14 +135,16 @@ async fn session(
     addr: std::net::SocketAddr,
     pids: &[u32],
     samples: &mut Samples,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
     let target = stack.target(addr);
     let window = Arc::new(Window {
         origin: Instant::now(),
         from_ns: u64::MAX.into(),
         to_ns: 0.into(),
     });
-    let (tallies, spread) = start_members(stack, &target, &window).await?;
+    let (tallies, spread, members) = start_members(stack, &target, &window).await?;
+    // Closes every member's socket when the session ends, however it ends.
+    let _members = AbortOnDrop(members);
     eprintln!("  {} members by server: {spread:?}", tallies.len());
     let mut best: f64 = 0.0;
     for rate in RATES {
@@ -166,26 +177,47 @@ async fn session(
         }
     }
     samples.push(stack.label(), "saturation", best);
-    Ok(())
+    Ok(spread)
 }
 
 type Tallies = Vec<Arc<Mutex<Tally>>>;
+type Spread = std::collections::BTreeMap<String, usize>;
+
+/// Aborts tasks (and so drops their sockets) when dropped.
+pub struct AbortOnDrop(pub Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
 
 async fn start_members(
     stack: Stack,
     target: &loadgen::Target,
     window: &Arc<Window>,
-) -> anyhow::Result<(Tallies, std::collections::BTreeMap<String, usize>)> {
+) -> anyhow::Result<(Tallies, Spread, Vec<tokio::task::JoinHandle<()>>)> {
     let gate = Arc::new(tokio::sync::Semaphore::new(100));
     let mut joins = Vec::new();
     for i in 0..MEMBERS {
         let (gate, target) = (gate.clone(), target.clone());
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire().await?;
-            rooms::member(stack, &target, loadgen::source_ip(i, 3), ROOM).await
+            let source = loadgen::source_ip(i, MEMBER_NETWORKS);
+            let mut attempt = 0;
+            loop {
+                // Setup only: a member that could not join is retried (the failures of
+                // interest are measured in the failover bench).
+                match rooms::member(stack, &target, source, ROOM).await {
+                    Ok(client) => return Ok(client),
+                    Err(err) if attempt >= JOIN_ATTEMPTS => return Err(err),
+                    Err(_) => attempt += 1,
+                }
+            }
         }));
     }
     let mut tallies = Vec::new();
+    let mut handles = Vec::new();
     let mut spread = std::collections::BTreeMap::new();
     for join in joins {
         let client = join.await??;
@@ -195,10 +227,15 @@ async fn start_members(
             in_window: 0,
         }));
         tallies.push(tally.clone());
-        tokio::spawn(listen(stack, client.ws, tally, window.clone()));
+        handles.push(tokio::spawn(listen(
+            stack,
+            client.ws,
+            tally,
+            window.clone(),
+        )));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    Ok((tallies, spread))
+    Ok((tallies, spread, handles))
 }
 
 async fn listen(stack: Stack, mut ws: loadgen::Ws, tally: Arc<Mutex<Tally>>, window: Arc<Window>) {
@@ -294,7 +331,7 @@ fn render(ctx: &Ctx, s: &Samples, notes: &[String]) -> String {
          Ringcast: three `ringcast-node`s on the Redis Cluster behind one `ringcast-edge` \
          ({workers} worker). Incumbent: the seed stack (three socket.io 4.8 servers with \
          `@socket.io/redis-adapter`'s sharded adapter on the same kind of 3-master Redis \
-         Cluster, behind nginx `ip_hash`). Members come from three /24 source networks. One \
+         Cluster, behind nginx `ip_hash`). Members come from {MEMBER_NETWORKS} /24 source networks (both proxies hash the client address). One \
          publisher (not a member) publishes open-loop at {rates} publishes/s, {dur} s per step \
          after 1 s warm-up, until arrivals fall below {keep}% of the offered deliveries. \
          Latency is publish → deliver, timed from the scheduled publish, at the first step \

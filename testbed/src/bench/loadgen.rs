@@ -371,3 +371,36 @@ async fn cycle(target: &Target, source: Ipv4Addr) -> anyhow::Result<()> {
     };
     tokio::time::timeout(Duration::from_secs(5), run).await?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_cycle_through_distinct_networks() {
+        assert_eq!(source_ip(0, 16), Ipv4Addr::new(127, 0, 1, 1));
+        assert_eq!(source_ip(15, 16), Ipv4Addr::new(127, 0, 16, 1));
+        assert_eq!(source_ip(16, 16), Ipv4Addr::new(127, 0, 1, 1));
+        assert_eq!(source_ip(250, 300), Ipv4Addr::new(127, 1, 1, 1));
+    }
+
+    #[test]
+    fn schedule_counts_every_due_send() {
+        let origin = Instant::now();
+        let s = Schedule {
+            origin,
+            first: origin,
+            interval: Duration::from_millis(10),
+            measure_from: origin,
+            end: origin + Duration::from_millis(100),
+        };
+        assert_eq!(s.sends(), 10);
+    }
+
+    #[test]
+    fn payload_carries_its_stamp() {
+        let msg = payload(64, 123_456_789);
+        assert_eq!(stamp_of(&msg), Some(123_456_789));
+        assert_eq!(msg.len(), 64);
+    }
+}

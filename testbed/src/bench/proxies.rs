@@ -235,3 +235,56 @@ pub fn locate(program: &str, fallbacks: &[&str]) -> anyhow::Result<PathBuf> {
         .or_else(|| fallbacks.iter().map(PathBuf::from).find(|p| p.exists()))
         .with_context(|| format!("{program} is not installed (apt-get install {program})"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_every_placeholder() {
+        let vars = [
+            ("WORKERS", "1".to_owned()),
+            ("DIR", "/tmp/x".to_owned()),
+            ("LISTEN", "127.0.0.1:1".to_owned()),
+            ("ADMIN", "127.0.0.1:2".to_owned()),
+            ("SERVERS", "server a;".to_owned()),
+            ("BACKENDS", "[[backends]]".to_owned()),
+        ];
+        for template in [NGINX_TEMPLATE, HAPROXY_TEMPLATE, EDGE_TEMPLATE] {
+            let text = render(template, &vars);
+            assert!(!text.contains("{{"), "unrendered placeholder in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn rendered_edge_config_is_valid() {
+        let vars = [
+            ("WORKERS", "1".to_owned()),
+            ("DIR", "/tmp/x".to_owned()),
+            ("LISTEN", "127.0.0.1:1".to_owned()),
+            ("ADMIN", "127.0.0.1:2".to_owned()),
+            (
+                "BACKENDS",
+                "[[backends]]\nid = \"b0\"\naddress = \"127.0.0.1:3\"\n".to_owned(),
+            ),
+        ];
+        let text = render(EDGE_TEMPLATE, &vars);
+        let path = Path::new("edge.toml");
+        let parsed =
+            ringcast_shared::config::parse::<ringcast_shared::config::EdgeConfig>(path, &text);
+        assert!(parsed.is_ok(), "{parsed:?}\n{text}");
+    }
+
+    #[test]
+    fn rendered_node_config_is_valid() {
+        let text = super::super::ringcast::render_node(
+            "n0",
+            "127.0.0.1:1",
+            &["redis://127.0.0.1:2".to_owned()],
+        );
+        let path = Path::new("node.toml");
+        let parsed =
+            ringcast_shared::config::parse::<ringcast_shared::config::NodeConfig>(path, &text);
+        assert!(parsed.is_ok(), "{parsed:?}\n{text}");
+    }
+}

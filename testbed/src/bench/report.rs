@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+/// Set this variable to keep the scratch folder (configs and logs) after the run.
+pub const KEEP_ENV: &str = "RINGCAST_BENCH_KEEP";
+
 /// A benchmark that can be part of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
@@ -99,7 +102,8 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
     };
     let mut doc = header(&ctx);
     for part in parts {
-        eprintln!("== bench {part:?} ({})", now_utc());
+        let load = shell("cut -d' ' -f1-3 /proc/loadavg").trim().to_owned();
+        eprintln!("== bench {part:?} ({}, load {load})", now_utc());
         let section = match part {
             Part::Edge => super::edge::run(&ctx).await,
             Part::Idle => super::idle::run(&ctx).await,
@@ -107,13 +111,19 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
             Part::Failover => super::failover::run(&ctx).await,
             Part::Scale => super::scale::run(&ctx).await,
         };
-        doc += &section.unwrap_or_else(|err| format!("## {part:?}\n\nNot measured: {err:#}\n\n"));
+        let section =
+            section.unwrap_or_else(|err| format!("## {part:?}\n\nNot measured: {err:#}\n\n"));
+        doc += &section;
+        doc += &format!("Load average before this part: {load}.\n\n");
         if let Some(out) = &common.out {
             std::fs::write(out, &doc).with_context(|| format!("write {out:?}"))?;
         }
     }
     if common.out.is_none() {
         println!("{doc}");
+    }
+    if std::env::var_os(KEEP_ENV).is_some() {
+        eprintln!("configs and logs kept in {}", ctx.dir.keep().display());
     }
     Ok(())
 }

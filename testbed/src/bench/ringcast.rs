@@ -8,6 +8,15 @@ use std::time::Duration;
 
 const NODE_TEMPLATE: &str = include_str!("../../bench-assets/node.toml.tmpl");
 
+/// The node configuration for `id` listening on `listen`.
+pub fn render_node(id: &str, listen: &str, redis_urls: &[String]) -> String {
+    let urls: Vec<String> = redis_urls.iter().map(|u| format!("\"{u}\"")).collect();
+    NODE_TEMPLATE
+        .replace("{{ID}}", id)
+        .replace("{{LISTEN}}", listen)
+        .replace("{{REDIS}}", &urls.join(", "))
+}
+
 /// A running node and where it listens.
 pub struct Node {
     /// The process.
@@ -31,11 +40,7 @@ pub async fn start_node_at(
     addr: SocketAddr,
     redis_urls: &[String],
 ) -> anyhow::Result<Node> {
-    let urls: Vec<String> = redis_urls.iter().map(|u| format!("\"{u}\"")).collect();
-    let conf = NODE_TEMPLATE
-        .replace("{{ID}}", id)
-        .replace("{{LISTEN}}", &addr.to_string())
-        .replace("{{REDIS}}", &urls.join(", "));
+    let conf = render_node(id, &addr.to_string(), redis_urls);
     let file = ctx.dir.path().join(format!("node-{id}.toml"));
     std::fs::write(&file, conf)?;
     let mut cmd = Command::new(ctx.bin("ringcast-node")?);
