@@ -41,6 +41,9 @@ async fn outage_is_reported_and_recovered_from() {
         .expect_err("no Redis, no publish");
     assert!(err.is_retryable(), "{err}");
 
+    // Stay down long enough for the module to try replacing its connection (it does so
+    // after five failed refresh rounds); recovery must work whichever connection wins.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     cluster.restart_all().await.expect("cluster back");
     let up = tokio::time::timeout(Duration::from_secs(30), async {
         loop {

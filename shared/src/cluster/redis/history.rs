@@ -157,7 +157,7 @@ pub(crate) async fn publish(
     invocation.arg(new_epoch()).arg(ttl_ms(shared));
     invocation.arg(shared.config.stream_length).arg(&body_text);
     invocation.arg(if replicated { "0" } else { "1" });
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let (epoch, offset): (String, String) = shared
         .call(&keys.log, invocation.invoke_async(&mut conn))
         .await?;
@@ -196,7 +196,7 @@ async fn wait_for_replica(
     wait.arg(1).arg(timeout_ms);
     let route = Route::with_key(key, SlotAddr::Master);
     let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let acked = shared.call(key, conn.route_command(wait, routing)).await?;
     match acked {
         Value::Int(n) if n >= 1 => Ok(()),
@@ -214,7 +214,7 @@ pub(crate) async fn position(shared: &Shared, room: &str) -> ClusterResult<RoomP
     let mut invocation = POSITION_SCRIPT.prepare_invoke();
     invocation.key(&keys.meta).key(&keys.log);
     invocation.arg(new_epoch()).arg(ttl_ms(shared));
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let (epoch, offset): (String, String) = shared
         .call(&keys.meta, invocation.invoke_async(&mut conn))
         .await?;
@@ -236,7 +236,7 @@ pub(crate) async fn history(
         .arg(ttl_ms(shared))
         .arg(after)
         .arg(epoch);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let answer: Vec<String> = shared
         .call(&keys.log, invocation.invoke_async(&mut conn))
         .await?;

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::error::classify;
 use self::fanout::{Control, Pump};
@@ -52,6 +52,10 @@ const REFRESH_CONCURRENCY: usize = 16;
 /// First retry delay after a failed refresh; doubles up to the refresh period.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 
+/// Failed refresh rounds in a row (about 6 s with the backoff above) after which the
+/// cluster connection is replaced by a new one, and again after as many more.
+const REPLACE_AFTER_FAILED_ROUNDS: u32 = 5;
+
 /// What this instance must keep refreshing.
 #[derive(Default)]
 pub(crate) struct Owned {
@@ -63,7 +67,10 @@ pub(crate) struct Owned {
 
 /// State shared by the API side and the background tasks.
 pub(crate) struct Shared {
-    pub conn: ClusterConnection,
+    /// The cluster connection; replaced when it stays unusable (see `replace_connection`).
+    conn: Mutex<ClusterConnection>,
+    /// Builds replacement connections with the same settings and push channel.
+    client: redis::cluster::ClusterClient,
     pub keys: Keys,
     pub config: ClusterConfig,
     pub node: NodeInfo,
@@ -82,6 +89,37 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// A handle on the current cluster connection (cheap: connections are shared handles).
+    pub fn conn(&self) -> ClusterConnection {
+        lock(&self.conn).clone()
+    }
+
+    /// Builds a new cluster connection and puts it in place of the current one.
+    ///
+    /// redis-rs normally repairs its connections itself, but after a master failover one
+    /// node's connection was seen timing out on every request for good while the other
+    /// nodes recovered at once. A fresh connection discovers the topology anew; the
+    /// subscriptions are sent again once Redis answers (`resubscribe_all`).
+    async fn replace_connection(&self) {
+        let fresh = tokio::time::timeout(
+            self.config.request_timeout,
+            self.client.get_async_connection(),
+        )
+        .await;
+        match fresh {
+            Ok(Ok(conn)) => {
+                *lock(&self.conn) = conn;
+                warn!(node = %self.node.id, "replaced the Redis Cluster connection after a long outage");
+            }
+            Ok(Err(err)) => {
+                debug!(node = %self.node.id, %err, "no new Redis Cluster connection yet")
+            }
+            Err(_) => {
+                debug!(node = %self.node.id, "no new Redis Cluster connection yet: timed out")
+            }
+        }
+    }
+
     pub fn owned(&self) -> MutexGuard<'_, Owned> {
         lock(&self.owned)
     }
@@ -133,7 +171,7 @@ impl Shared {
         let rooms: Vec<String> = lock(&self.rooms).iter().cloned().collect();
         let mut channels = vec![self.keys.direct_channel(&self.node.id)];
         channels.extend(rooms.iter().map(|room| self.keys.room(room).channel));
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut failed = 0_usize;
         for channel in &channels {
             if conn.ssubscribe(channel).await.is_err() {
@@ -237,6 +275,9 @@ async fn refresh_loop(shared: Arc<Shared>) {
                 }
                 failures = failures.saturating_add(1);
                 let _ = shared.set_available(false);
+                if failures.is_multiple_of(REPLACE_AFTER_FAILED_ROUNDS) {
+                    shared.replace_connection().await;
+                }
             }
         }
     }
@@ -272,7 +313,8 @@ pub(crate) async fn connect(
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
-        conn,
+        conn: Mutex::new(conn),
+        client,
         keys: Keys::new(&config.key_prefix),
         config: config.clone(),
         node,
@@ -284,7 +326,7 @@ pub(crate) async fn connect(
         probe: Notify::new(),
     });
     let direct = shared.keys.direct_channel(&shared.node.id);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     shared.call(&direct, conn.ssubscribe(&direct)).await?;
     registry::heartbeat(&shared).await?;
     info!(node = %shared.node.id, seeds = ?config.nodes, "connected to the Redis Cluster");
@@ -322,7 +364,7 @@ impl ClusterState for RedisState {
     async fn subscribe_room(&self, room: &str) -> ClusterResult<RoomPosition> {
         let channel = self.shared.keys.room(room).channel;
         self.control(Control::Want(room.to_owned()));
-        let mut conn = self.shared.conn.clone();
+        let mut conn = self.shared.conn();
         let subscribed = self.shared.call(&channel, conn.ssubscribe(&channel)).await;
         let position = match subscribed {
             Ok(()) => history::position(&self.shared, room).await,
@@ -349,7 +391,7 @@ impl ClusterState for RedisState {
         let channel = self.shared.keys.room(room).channel;
         lock(&self.shared.rooms).remove(room);
         self.control(Control::Forget(room.to_owned()));
-        let mut conn = self.shared.conn.clone();
+        let mut conn = self.shared.conn();
         self.shared
             .call(&channel, conn.sunsubscribe(&channel))
             .await

@@ -115,7 +115,7 @@ pub(crate) async fn join(
         .arg(presence_ttl_ms(shared))
         .arg(&member.conn)
         .arg(&json);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: i64 = shared
         .call(&keys.presence, invocation.invoke_async(&mut conn))
         .await?;
@@ -150,7 +150,7 @@ async fn remove(shared: &Shared, room: &str, conn_id: &str) -> ClusterResult<()>
         .key(&keys.members)
         .key(&keys.channel);
     invocation.arg(conn_id);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: i64 = shared
         .call(&keys.presence, invocation.invoke_async(&mut conn))
         .await?;
@@ -165,7 +165,7 @@ pub(crate) async fn list(shared: &Shared, room: &str) -> ClusterResult<Vec<Prese
         .key(&keys.presence)
         .key(&keys.members)
         .key(&keys.channel);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let texts: Vec<String> = shared
         .call(&keys.presence, invocation.invoke_async(&mut conn))
         .await?;
@@ -195,7 +195,7 @@ pub(crate) async fn refresh(
     for (conn_id, json) in members {
         invocation.arg(conn_id).arg(json);
     }
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: i64 = shared
         .call(&keys.presence, invocation.invoke_async(&mut conn))
         .await?;

@@ -87,7 +87,7 @@ pub(crate) async fn register(shared: &Shared, user: &str, conns: &[String]) -> C
     for conn in conns {
         invocation.arg(entry(&shared.node.id, conn));
     }
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: i64 = shared
         .call(&key, invocation.invoke_async(&mut conn))
         .await?;
@@ -98,7 +98,7 @@ pub(crate) async fn unregister(shared: &Shared, user: &str, conn_id: &str) -> Cl
     let key = shared.keys.user(user);
     let mut zrem = redis::cmd("ZREM");
     zrem.arg(&key).arg(entry(&shared.node.id, conn_id));
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: i64 = shared.call(&key, zrem.query_async(&mut conn)).await?;
     Ok(())
 }
@@ -107,7 +107,7 @@ pub(crate) async fn connections(shared: &Shared, user: &str) -> ClusterResult<Ve
     let key = shared.keys.user(user);
     let mut invocation = CONNECTIONS_SCRIPT.prepare_invoke();
     invocation.key(&key);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let texts: Vec<String> = shared
         .call(&key, invocation.invoke_async(&mut conn))
         .await?;
@@ -130,7 +130,7 @@ pub(crate) async fn send_direct(
 ) -> ClusterResult<u64> {
     let targets = connections(shared, user).await?;
     let mut delivered = 0;
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     for target in targets {
         let channel = shared.keys.direct_channel(&target.node);
         let message = DirectMessage {
@@ -164,7 +164,7 @@ pub(crate) async fn heartbeat(shared: &Shared) -> ClusterResult<()> {
         .arg(&node.id)
         .arg(json)
         .arg(presence_ttl_ms(shared));
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: i64 = shared
         .call(&live, invocation.invoke_async(&mut conn))
         .await?;
@@ -175,7 +175,7 @@ pub(crate) async fn nodes(shared: &Shared) -> ClusterResult<Vec<NodeInfo>> {
     let (live, info) = shared.keys.nodes();
     let mut invocation = NODES_SCRIPT.prepare_invoke();
     invocation.key(&live).key(&info);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let texts: Vec<String> = shared
         .call(&live, invocation.invoke_async(&mut conn))
         .await?;
@@ -196,7 +196,7 @@ pub(crate) async fn leave(shared: &Shared, users: HashSet<(String, String)>) -> 
     let mut pipe = redis::pipe();
     pipe.cmd("ZREM").arg(&live).arg(&shared.node.id);
     pipe.cmd("HDEL").arg(&info).arg(&shared.node.id);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: (i64, i64) = shared.call(&live, pipe.query_async(&mut conn)).await?;
     Ok(())
 }

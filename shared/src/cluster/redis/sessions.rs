@@ -10,7 +10,7 @@ pub(crate) async fn save(shared: &Shared, session: &SessionRecord) -> ClusterRes
     let ttl_ms = u64::try_from(shared.config.session_ttl.as_millis()).unwrap_or(u64::MAX);
     let mut set = redis::cmd("SET");
     set.arg(&key).arg(json).arg("PX").arg(ttl_ms);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let _: () = shared.call(&key, set.query_async(&mut conn)).await?;
     Ok(())
 }
@@ -19,7 +19,7 @@ pub(crate) async fn load(shared: &Shared, id: &str) -> ClusterResult<Option<Sess
     let key = shared.keys.session(id);
     let mut get = redis::cmd("GET");
     get.arg(&key);
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.conn();
     let text: Option<String> = shared.call(&key, get.query_async(&mut conn)).await?;
     text.map(|text| serde_json::from_str(&text).map_err(|e| corrupt(&key, e)))
         .transpose()
