@@ -4,8 +4,9 @@
 //! them the client gets a `joined` frame with `resume: "not_recovered"` and continues from
 //! the room's current position.
 
+use axum::extract::ws::Utf8Bytes;
 use ringcast_shared::cluster::{Publication, Replay, RoomPosition};
-use ringcast_shared::protocol::ResumeStatus;
+use ringcast_shared::protocol::{Offset, ResumeStatus};
 use std::sync::Arc;
 
 use super::cursor::Verdict;
@@ -35,10 +36,8 @@ impl Connection {
             .classify(room, &delivery.epoch, delivery.offset)
         {
             Verdict::Deliver => {
-                self.write(delivery.text.clone()).await?;
-                self.node.metrics.deliveries.inc();
-                self.cursors.advance(room, delivery.offset);
-                Ok(())
+                self.write_next(room, delivery.text.clone(), delivery.offset)
+                    .await
             }
             Verdict::Duplicate | Verdict::NotJoined => Ok(()),
             Verdict::Gap => self.fill_gap(room, Some(&delivery)).await,
@@ -81,10 +80,8 @@ impl Connection {
         };
         match self.cursors.classify(room, &pending.epoch, pending.offset) {
             Verdict::Deliver => {
-                self.write(pending.text.clone()).await?;
-                self.node.metrics.deliveries.inc();
-                self.cursors.advance(room, pending.offset);
-                Ok(())
+                self.write_next(room, pending.text.clone(), pending.offset)
+                    .await
             }
             Verdict::Duplicate | Verdict::NotJoined => Ok(()),
             Verdict::Gap => {
@@ -121,10 +118,17 @@ impl Connection {
                 };
                 self.cursors.set(room, &carried_over);
             }
-            self.write(encode(&message_frame(publication))).await?;
-            self.node.metrics.deliveries.inc();
-            self.cursors.advance(room, publication.offset);
+            let text = encode(&message_frame(publication));
+            self.write_next(room, text, publication.offset).await?;
         }
+        Ok(())
+    }
+
+    /// Writes the room's next message and moves the cursor past it.
+    async fn write_next(&mut self, room: &str, text: Utf8Bytes, offset: Offset) -> Step {
+        self.write(text).await?;
+        self.node.metrics.deliveries.inc();
+        self.cursors.advance(room, offset);
         Ok(())
     }
 
