@@ -6,6 +6,8 @@
 //! upgrade (`-u`). Neither closes a tunnel: removed backends keep their open tunnels.
 
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{DEFAULT_L4_WRITE_BUFFER_SIZE, L4BufferSettings, ListenerConfig};
 use pingora::server::Server;
 use pingora::server::ShutdownWatch;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -160,15 +162,18 @@ pub fn run(path: PathBuf, config: EdgeConfig, upgrading: bool) -> anyhow::Result
     );
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, edge);
     let listen = config.server.listen.to_string();
-    match (&config.server.tls_cert, &config.server.tls_key) {
-        (Some(cert), Some(key)) => {
-            let (cert, key) = (cert.display().to_string(), key.display().to_string());
-            proxy
-                .add_tls(&listen, &cert, &key)
-                .map_err(|err| anyhow::anyhow!("server.tls_cert/tls_key: {err}"))?;
-        }
-        _ => proxy.add_tcp(&listen),
+    // No read buffer under the client connection: pingora's default is 64 KiB per
+    // accepted connection, zero-filled, which would stay resident for every idle tunnel.
+    // The HTTP parser and the tunnel read into their own buffers, so nothing needs it.
+    let mut listener = ListenerConfig::tcp(listen.as_str())
+        .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE));
+    if let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) {
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let tls = TlsSettings::intermediate(&cert, &key)
+            .map_err(|err| anyhow::anyhow!("server.tls_cert/tls_key: {err}"))?;
+        listener = listener.tls(tls);
     }
+    proxy.add_listener(listener);
     tracing::info!(listen = %listen, backends = config.backends.len(), "edge starting");
 
     let reloader = Arc::new(Reloader::new(path, pool.clone()));

@@ -286,11 +286,19 @@ impl Edge {
         downstream.write_response_header(Box::new(head)).await?;
         metrics::upgrade(&backend.id, "switched");
 
+        // The tunnel gets its own task and owns the client connection; pingora finishes
+        // the request now and frees its per-request state.
+        let client = tunnel::take_client(session).await?;
         let guard = TunnelGuard::open(backend.clone());
         let handle = self.tunnels.register();
         let idle = self.settings.tunnel_idle_timeout;
-        let end = tunnel::relay(session, stream, rest, idle, &handle).await;
-        tunnel::record_end(&backend, end, guard.opened, &ctx.request_id);
+        let client_slot = ctx.client_slot.take();
+        let request_id = std::mem::take(&mut ctx.request_id);
+        tokio::spawn(async move {
+            let end = tunnel::relay(client, stream, rest, idle, &handle).await;
+            tunnel::record_end(&backend, end, guard.opened, &request_id);
+            drop((guard, client_slot));
+        });
         Ok(true)
     }
 

@@ -21,13 +21,20 @@
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
 use std::collections::BTreeMap;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -36,7 +43,7 @@ use crate::pool::{BackendState, lock};
 
 /// Largest accepted response head from a backend.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
-/// Relay buffer per direction.
+/// Largest chunk read from either side at once.
 const RELAY_BYTES: usize = 16 * 1024;
 
 /// Hop-by-hop request headers the edge sets itself (or drops) on the upstream handshake.
@@ -306,24 +313,63 @@ impl Tunnels {
     }
 }
 
+/// Takes the client's connection out of pingora's session once the `101` is written, so
+/// the tunnel can own it for its whole life while pingora finishes the request at once.
+///
+/// pingora keeps per-request state (its proxy future, the session's body reader with a
+/// 64 KiB buffer reserved under every pending read) for as long as a request runs; a
+/// tunnel relayed through that API pays for it on every idle connection and on every
+/// relayed chunk. pingora only hands a connection's stream out by value, so the session is
+/// swapped for a stand-in that carries the same request head (for pingora's logging and
+/// cleanup after `request_filter`) over a local socket pair that closes right after.
+///
+/// A WebSocket client sends nothing after its handshake request until it has the answer
+/// (RFC 6455, section 4.1), so pingora holds no unread client bytes at this point.
+pub async fn take_client(session: &mut Session) -> pingora::Result<Stream> {
+    let raw_head = session.as_downstream().to_h1_raw();
+    let (stand_in_end, feeder) = tokio::net::UnixStream::pair()
+        .map_err(|err| Error::because(ErrorType::InternalError, "stand-in socket pair", err))?;
+    let mut stand_in = ServerSession::new_http1(Box::new(L4Stream::from(stand_in_end)));
+    // Written and read side by side: a large head may not fit the socket pair's buffer.
+    let feed = async move {
+        let mut feeder = feeder;
+        feeder.write_all(&raw_head).await
+    };
+    let (fed, read) = tokio::join!(feed, stand_in.read_request());
+    fed.map_err(|err| Error::because(ErrorType::InternalError, "stand-in request", err))?;
+    read?;
+    stand_in.set_keepalive(None);
+    let original = std::mem::replace(session.as_downstream_mut(), stand_in);
+    match original {
+        ServerSession::H1(client) => {
+            let mut stream = client.into_inner();
+            // pingora buffers small writes; the `101` may still sit in its buffer.
+            stream
+                .flush()
+                .await
+                .map_err(|err| Error::because(ErrorType::WriteError, "flushing the 101", err))?;
+            Ok(stream)
+        }
+        _ => Error::e_explain(
+            ErrorType::InternalError,
+            "only HTTP/1.1 connections carry WebSocket upgrades",
+        ),
+    }
+}
+
 /// Relays bytes both ways until one side closes or nothing moves for `idle` (if set).
+///
+/// `early` holds bytes the backend sent right after its `101`; they reach the client first.
 pub async fn relay(
-    session: &mut Session,
+    mut client: Stream,
     mut upstream: TcpStream,
     early: Vec<u8>,
     idle: Option<Duration>,
     handle: &TunnelHandle,
 ) -> TunnelEnd {
-    let downstream = session.as_downstream_mut();
-    if !early.is_empty()
-        && downstream
-            .write_response_body(Bytes::from(early), false)
-            .await
-            .is_err()
-    {
+    if !early.is_empty() && write_flushed(&mut client, &early).await.is_err() {
         return TunnelEnd::Error;
     }
-    let mut buf = vec![0u8; RELAY_BYTES];
     let idle_for = idle.unwrap_or(NO_IDLE_LIMIT);
     // One timer for the tunnel's life, pushed back after each transfer: arming a new one
     // per relayed chunk showed up in the edge's per-message CPU profile.
@@ -331,12 +377,21 @@ pub async fn relay(
     tokio::pin!(idle_timer);
     loop {
         let end = tokio::select! {
-            from_client = downstream.read_request_body() => {
-                to_backend(from_client, &mut upstream).await
-            }
-            from_backend = upstream.read(&mut buf) => {
-                to_client(from_backend, &buf, downstream).await
-            }
+            from_client = read_available(&mut client) => match from_client {
+                Ok(Some(chunk)) => upstream.write_all(&chunk).await.err().map(|_| TunnelEnd::Error),
+                Ok(None) => {
+                    let _ = upstream.shutdown().await;
+                    Some(TunnelEnd::Downstream)
+                }
+                Err(_) => Some(TunnelEnd::Error),
+            },
+            from_backend = read_available(&mut upstream) => match from_backend {
+                Ok(Some(chunk)) => write_flushed(&mut client, &chunk).await.err().map(|_| TunnelEnd::Error),
+                Ok(None) | Err(_) => {
+                    let _ = client.shutdown().await;
+                    Some(TunnelEnd::Upstream)
+                }
+            },
             () = &mut idle_timer => Some(TunnelEnd::Idle),
             () = handle.close.notified() => {
                 let _ = upstream.shutdown().await;
@@ -355,42 +410,28 @@ pub async fn relay(
 /// An idle limit long enough to mean "none".
 const NO_IDLE_LIMIT: Duration = Duration::from_secs(86_400 * 365);
 
-/// Forwards what the client sent; `Some` when the tunnel ends.
-async fn to_backend(
-    read: pingora::Result<Option<Bytes>>,
-    upstream: &mut TcpStream,
-) -> Option<TunnelEnd> {
-    match read {
-        Ok(Some(data)) => upstream
-            .write_all(&data)
-            .await
-            .err()
-            .map(|_| TunnelEnd::Error),
-        Ok(None) => {
-            let _ = upstream.shutdown().await;
-            Some(TunnelEnd::Downstream)
+/// Waits for bytes from `io` and returns them; `None` at end of stream.
+///
+/// The read buffer lives on the stack only while the read is polled, so a tunnel waiting
+/// for its next message holds no buffer at all; what arrived is copied out exactly sized.
+async fn read_available(io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<Bytes>> {
+    std::future::poll_fn(|cx| {
+        let mut scratch = [MaybeUninit::<u8>::uninit(); RELAY_BYTES];
+        let mut buf = ReadBuf::uninit(&mut scratch);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(Bytes::copy_from_slice(buf.filled())))),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => Poll::Pending,
         }
-        Err(_) => Some(TunnelEnd::Error),
-    }
+    })
+    .await
 }
 
-/// Forwards what the backend sent; `Some` when the tunnel ends.
-async fn to_client(
-    read: std::io::Result<usize>,
-    buf: &[u8],
-    downstream: &mut pingora::protocols::http::ServerSession,
-) -> Option<TunnelEnd> {
-    match read {
-        Ok(0) | Err(_) => {
-            let _ = downstream.write_response_body(Bytes::new(), true).await;
-            Some(TunnelEnd::Upstream)
-        }
-        Ok(n) => {
-            let data = Bytes::copy_from_slice(&buf[..n]);
-            let written = downstream.write_response_body(data, false).await;
-            written.err().map(|_| TunnelEnd::Error)
-        }
-    }
+/// Writes `data` to the client and pushes it out of pingora's small write buffer.
+async fn write_flushed(client: &mut Stream, data: &[u8]) -> std::io::Result<()> {
+    client.write_all(data).await?;
+    client.flush().await
 }
 
 /// Logs and counts the end of a tunnel on `backend`.
