@@ -94,7 +94,13 @@ async fn measure(
     samples.push(label, "errors", tp.errors as f64);
     cpu.record(samples, label, msgs, "msg");
 
+    let cpu = CpuMark::new(running, echo_pids);
+    let waited = procs::run_queue_wait_total(&running.pids());
     let lat = loadgen::latency(&running.targets, load, ctx.common.rate).await?;
+    let sent = ctx.common.rate * (load.duration + load.warmup).as_secs_f64();
+    let waited = procs::run_queue_wait_total(&running.pids()) - waited;
+    samples.push(label, "wait_proxy_lat", waited * 1e6 / sent);
+    cpu.record(samples, label, sent, "lat");
     samples.push(label, "p50", lat.hist.value_at_quantile(0.5) as f64);
     samples.push(label, "p99", lat.hist.value_at_quantile(0.99) as f64);
     samples.push(label, "lost", lat.lost as f64);
@@ -105,10 +111,10 @@ async fn measure(
     samples.push(label, "hs_errors", hs.errors as f64);
     cpu.record(samples, label, hs.per_s * load.duration.as_secs_f64(), "hs");
     if let Some(profiles) = profiles {
-        profiles.push((
-            format!("{label}, echo saturation"),
-            profiled(running, load).await,
-        ));
+        let saturation = profiled(running, Run::Saturation(load)).await;
+        profiles.push((format!("{label}, echo saturation"), saturation));
+        let handshakes = profiled(running, Run::Handshakes(load.duration)).await;
+        profiles.push((format!("{label}, handshakes"), handshakes));
     }
     eprintln!(
         "  {label}: {:.0} msg/s, p50 {} µs p99 {} µs (lost {}), {:.0} handshakes/s ({} errors)",
@@ -122,15 +128,29 @@ async fn measure(
     Ok(())
 }
 
-/// An extra saturation run (not counted) with `perf` attached to the proxy.
-async fn profiled(running: &Running, load: Load) -> String {
+/// What an extra, uncounted profiling run does.
+enum Run {
+    Saturation(Load),
+    Handshakes(Duration),
+}
+
+/// An extra run (not counted) with `perf` attached to the proxy.
+async fn profiled(running: &Running, run: Run) -> String {
     let dir = std::env::temp_dir();
-    let run = async {
+    let profiled_run = async {
         let perf = Profile::start(running.kind.label(), &running.pids(), &dir)?;
-        loadgen::throughput(&running.targets, load, WINDOW).await?;
+        match run {
+            Run::Saturation(load) => {
+                loadgen::throughput(&running.targets, load, WINDOW).await?;
+            }
+            Run::Handshakes(duration) => {
+                loadgen::handshakes(&running.targets, HANDSHAKE_LOOPS, SPREAD, duration).await?;
+            }
+        }
         tokio::task::spawn_blocking(move || perf.finish()).await?
     };
-    run.await
+    profiled_run
+        .await
         .unwrap_or_else(|err| format!("no profile: {err:#}"))
 }
 
@@ -281,11 +301,17 @@ fn cpu_table(s: &Samples) -> String {
                 s.cell(l, "cpu_echo_msg", 2),
                 s.cell(l, "cpu_gen_msg", 2),
                 s.cell(l, "cpu_proxy_hs", 1),
+                s.cell(l, "cpu_proxy_lat", 2),
+                s.cell(l, "wait_proxy_lat", 2),
             ]
         })
         .collect();
-    let mut out =
-        String::from("CPU time per echoed message and per handshake (µs), by process:\n\n");
+    let mut out = String::from(
+        "CPU time per echoed message and per handshake (µs), by process. The last column is \
+         the time the proxy's threads spent runnable but waiting for a CPU during the latency \
+         run, per message: how much of the proxy's share of the latency is the box's CPU \
+         contention rather than the proxy's own work.\n\n",
+    );
     out += &stats::table(
         &[
             "target",
@@ -293,6 +319,8 @@ fn cpu_table(s: &Samples) -> String {
             "backends µs/msg",
             "generator µs/msg",
             "proxy µs/handshake",
+            "proxy µs/msg, latency run",
+            "proxy run-queue wait µs/msg, latency run",
         ],
         &rows,
     );

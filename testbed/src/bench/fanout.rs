@@ -10,6 +10,7 @@
 
 use super::loadgen::{self, new_hist};
 use super::procs::{self};
+use super::profile::{self, Profile};
 use super::proxies::{self, Kind, Setup};
 use super::report::Ctx;
 use super::ringcast::{self, Node};
@@ -26,9 +27,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Room members.
 const MEMBERS: usize = 1_000;
-/// Source /24 networks of the members (the same for both stacks; both proxies hash the
-/// client address).
-const MEMBER_NETWORKS: usize = 30;
+/// Source /24 networks of the members: one per member, the same for both stacks. Both
+/// proxies hash the client address, and with few distinct addresses the placement over
+/// three servers is lumpy (30 networks put 17 % of the members on one server and 43 % on
+/// another), which measures the hash's luck rather than the servers.
+const MEMBER_NETWORKS: usize = MEMBERS;
 /// Attempts to connect and join per member before the session fails.
 const JOIN_ATTEMPTS: usize = 3;
 /// Publishes per second of each step.
@@ -48,20 +51,25 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
     let ringcast = RingcastSide::start(ctx, &seed).await;
     let mut samples = Samples::default();
     let mut notes = Vec::new();
+    let mut profiles = Vec::new();
     if let Err(err) = &ringcast {
         notes.push(format!("ringcast skipped: {err:#}"));
     }
     for round in 0..ctx.common.rounds {
         for k in 0..2 {
             let stack = [Stack::Ringcast, Stack::Socketio][(k + round) % 2];
-            let (addr, pids) = match (stack, &ringcast) {
-                (Stack::Ringcast, Ok(side)) => (side.edge.targets[0].addr, side.pids()),
+            let (addr, roles) = match (stack, &ringcast) {
+                (Stack::Ringcast, Ok(side)) => (side.edge.targets[0].addr, side.roles()),
                 (Stack::Ringcast, Err(_)) => continue,
-                (Stack::Socketio, _) => (seed.nginx_addr(), socketio_pids(&seed)?),
+                (Stack::Socketio, _) => (seed.nginx_addr(), socketio_roles(&seed)?),
             };
             eprintln!("fanout round {round} {}", stack.label());
-            let pids = [pids, seed.redis_pids()].concat();
-            match session(ctx, stack, addr, &pids, &mut samples).await {
+            let roles = Roles {
+                redis: seed.redis_pids(),
+                ..roles
+            };
+            let profiles = (ctx.common.profile && round == 0).then_some(&mut profiles);
+            match session(ctx, stack, addr, &roles, &mut samples, profiles).await {
                 Ok(spread) if round == 0 => {
                     notes.push(format!("{} members per server: {spread:?}", stack.label()));
                 }
@@ -70,15 +78,40 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             }
         }
     }
-    Ok(render(ctx, &samples, &notes))
+    Ok(render(ctx, &samples, &notes) + &profile::render(&profiles))
 }
 
-fn socketio_pids(seed: &SeedStack) -> anyhow::Result<Vec<u32>> {
-    let mut pids = seed.nginx_pids();
-    for i in 0..3 {
-        pids.push(seed.node_pid(i)?);
+/// The processes of one stack by role, so that CPU per delivery can be split.
+#[derive(Default)]
+pub struct Roles {
+    /// The three servers (nodes or socket.io processes).
+    pub servers: Vec<u32>,
+    /// The proxy in front of them.
+    pub proxy: Vec<u32>,
+    /// The Redis Cluster's processes.
+    pub redis: Vec<u32>,
+}
+
+impl Roles {
+    /// Each role's name and processes, in table order.
+    fn each(&self) -> [(&'static str, &[u32]); 3] {
+        [
+            ("servers", &self.servers),
+            ("proxy", &self.proxy),
+            ("redis", &self.redis),
+        ]
     }
-    Ok(pids)
+}
+
+fn socketio_roles(seed: &SeedStack) -> anyhow::Result<Roles> {
+    let servers = (0..3)
+        .map(|i| seed.node_pid(i))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Roles {
+        servers,
+        proxy: seed.nginx_pids(),
+        redis: Vec::new(),
+    })
 }
 
 /// Three nodes and an edge in front of them.
@@ -108,10 +141,13 @@ impl RingcastSide {
         Ok(Self { nodes, edge })
     }
 
-    /// PIDs of the nodes and the edge.
-    pub fn pids(&self) -> Vec<u32> {
-        let nodes = self.nodes.iter().map(|n| n.proc.pid());
-        nodes.chain(self.edge.pids()).collect()
+    /// The nodes and the edge by role (Redis is the seed stack's).
+    pub fn roles(&self) -> Roles {
+        Roles {
+            servers: self.nodes.iter().map(|n| n.proc.pid()).collect(),
+            proxy: self.edge.pids(),
+            redis: Vec::new(),
+        }
     }
 }
 
@@ -133,8 +169,9 @@ async fn session(
     ctx: &Ctx,
     stack: Stack,
     addr: std::net::SocketAddr,
-    pids: &[u32],
+    roles: &Roles,
     samples: &mut Samples,
+    profiles: Option<&mut Vec<(String, String)>>,
 ) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
     let target = stack.target(addr);
     let window = Arc::new(Window {
@@ -148,12 +185,19 @@ async fn session(
     eprintln!("  {} members by server: {spread:?}", tallies.len());
     let mut best: f64 = 0.0;
     for rate in RATES {
-        let cpu0 = procs::cpu_total(pids);
+        let cpu0 = roles.each().map(|(_, pids)| procs::cpu_total(pids));
         let gen0 = procs::own_cpu_seconds();
         let step = run_step(ctx, stack, &target, &window, &tallies, rate).await?;
         let delivered = step.arrivals_per_s * ctx.common.duration_s;
-        let cpu = (procs::cpu_total(pids) - cpu0) * 1e6 / delivered.max(1.0);
-        let gen_cpu = (procs::own_cpu_seconds() - gen0) * 1e6 / delivered.max(1.0);
+        let per_delivery = |seconds: f64| seconds * 1e6 / delivered.max(1.0);
+        let by_role: Vec<(&str, f64)> = roles
+            .each()
+            .iter()
+            .zip(cpu0)
+            .map(|((role, pids), before)| (*role, per_delivery(procs::cpu_total(pids) - before)))
+            .collect();
+        let cpu: f64 = by_role.iter().map(|(_, us)| us).sum();
+        let gen_cpu = per_delivery(procs::own_cpu_seconds() - gen0);
         let offered = rate * MEMBERS as f64;
         eprintln!(
             "  {} rate {rate}/s: offered {offered:.0}/s arrived {:.0}/s p50 {} µs p99 {} µs lost {} ({cpu:.1} µs stack CPU/delivery)",
@@ -169,6 +213,12 @@ async fn session(
             samples.push(stack.label(), "lost10k", step.lost as f64);
             samples.push(stack.label(), "cpu10k", cpu);
             samples.push(stack.label(), "gen10k", gen_cpu);
+            for (role, us) in &by_role {
+                samples.push(stack.label(), &format!("cpu10k_{role}"), *us);
+            }
+        }
+        if rate == RATES[RATES.len() - 1] || step.arrivals_per_s < KEEP_UP * offered {
+            samples.push(stack.label(), "cpu_sat", cpu);
         }
         best = best.max(step.arrivals_per_s);
         if step.arrivals_per_s < KEEP_UP * offered {
@@ -177,8 +227,25 @@ async fn session(
         }
     }
     samples.push(stack.label(), "saturation", best);
+    if let Some(profiles) = profiles {
+        let label = format!("{}, fan-out at {PROFILED_RATE} publishes/s", stack.label());
+        let profiled = async {
+            let pids = [roles.servers.as_slice(), &roles.proxy].concat();
+            let perf = Profile::start(stack.label(), &pids, ctx.dir.path())?;
+            run_step(ctx, stack, &target, &window, &tallies, PROFILED_RATE).await?;
+            tokio::task::spawn_blocking(move || perf.finish()).await?
+        };
+        let text = profiled
+            .await
+            .unwrap_or_else(|err| format!("no profile: {err:#}"));
+        profiles.push((label, text));
+    }
     Ok(spread)
 }
+
+/// Publishes per second of the extra, uncounted step profiled with `--profile` (the
+/// servers and the proxy are sampled; Redis is left out).
+const PROFILED_RATE: f64 = 30.0;
 
 type Tallies = Vec<Arc<Mutex<Tally>>>;
 type Spread = std::collections::BTreeMap<String, usize>;
@@ -369,6 +436,37 @@ fn render(ctx: &Ctx, s: &Samples, notes: &[String]) -> String {
             "generator CPU µs/delivery",
         ],
         &rows,
+    );
+    out += "\nStack CPU per delivery by role (µs), at 10,000 deliveries/s and at the saturating \
+            step; the ratio column is socket.io's stack CPU over Ringcast's, the deliveries one \
+            core-second of stack CPU buys relative to socket.io:\n\n";
+    let split: Vec<Vec<String>> = ["ringcast", "socket.io"]
+        .iter()
+        .map(|l| {
+            vec![
+                (*l).to_owned(),
+                s.cell(l, "cpu10k_servers", 1),
+                s.cell(l, "cpu10k_proxy", 1),
+                s.cell(l, "cpu10k_redis", 1),
+                s.cell(l, "cpu10k", 1),
+                stats::ratio(sio("cpu10k"), s.median(l, "cpu10k")),
+                s.cell(l, "cpu_sat", 1),
+                stats::ratio(sio("cpu_sat"), s.median(l, "cpu_sat")),
+            ]
+        })
+        .collect();
+    out += &stats::table(
+        &[
+            "stack",
+            "servers @10k/s",
+            "proxy @10k/s",
+            "redis @10k/s",
+            "total @10k/s",
+            "deliveries per CPU-s vs socket.io @10k/s",
+            "total at saturation",
+            "deliveries per CPU-s vs socket.io at saturation",
+        ],
+        &split,
     );
     out += "\n";
     for note in notes {

@@ -128,6 +128,22 @@ pub fn cpu_total(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
+/// Seconds the threads of `pids` spent runnable but waiting for a CPU (the kernel's
+/// run-queue wait from `/proc/PID/task/TID/schedstat`): time a message can sit in a
+/// process that is ready to handle it, because the CPUs are busy elsewhere.
+pub fn run_queue_wait_total(pids: &[u32]) -> f64 {
+    let thread_wait = |path: std::path::PathBuf| -> Option<f64> {
+        let text = std::fs::read_to_string(path.join("schedstat")).ok()?;
+        let waited_ns: f64 = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some(waited_ns / 1e9)
+    };
+    pids.iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter_map(|task| thread_wait(task.path()))
+        .sum()
+}
+
 /// CPU seconds used by this process (the load generator).
 pub fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id())

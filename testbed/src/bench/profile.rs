@@ -50,29 +50,48 @@ impl Profile {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         drop(self.proc);
-        let out = Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "-g",
-                "none",
-                "--sort",
-                "comm,dso,sym",
-                "-i",
-            ])
-            .arg(&self.file)
-            .stderr(Stdio::null())
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(TOP)
-            .collect();
-        anyhow::ensure!(!lines.is_empty(), "perf recorded no samples");
-        Ok(lines.join("\n"))
+        let by_binary = report(&self.file, "dso", |_| true, SHARES)?;
+        // Kernel time is mostly the same TCP work for every proxy; the user-space symbols
+        // are where the programs differ.
+        let user = report(&self.file, "dso,sym", |line| !line.contains("[k]"), TOP)?;
+        Ok(format!(
+            "share of samples by binary:\n{by_binary}\n\nhottest user-space symbols (self time):\n{user}"
+        ))
     }
+}
+
+/// Lines shown of the split by binary.
+const SHARES: usize = 6;
+
+/// The first `take` lines of `perf report --sort <sort>` that `keep` accepts.
+fn report(
+    file: &Path,
+    sort: &str,
+    keep: impl Fn(&str) -> bool,
+    take: usize,
+) -> anyhow::Result<String> {
+    let out = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "-g",
+            "none",
+            "--sort",
+            sort,
+            "-i",
+        ])
+        .arg(file)
+        .stderr(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && keep(l))
+        .take(take)
+        .collect();
+    anyhow::ensure!(!lines.is_empty(), "perf recorded no samples");
+    Ok(lines.join("\n"))
 }
 
 fn zombie(pid: u32) -> bool {
@@ -84,7 +103,9 @@ pub fn render(profiles: &[(String, String)]) -> String {
     if profiles.is_empty() {
         return String::new();
     }
-    let mut out = String::from("CPU profiles (`perf record -g`, self time, top symbols):\n\n");
+    let mut out = String::from(
+        "CPU profiles (`perf record -g` during an extra, uncounted run of the same load):\n\n",
+    );
     for (label, text) in profiles {
         out += &format!("{label}:\n\n```\n{text}\n```\n\n");
     }
