@@ -10,10 +10,9 @@
 use axum::extract::ws::Utf8Bytes;
 use ringcast_shared::cluster::{ClusterEvent, ClusterEvents, Publication, RoomPosition};
 use ringcast_shared::protocol::{Epoch, Offset, ServerFrame, close};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, mpsc};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::Notify;
 
 use crate::node::Node;
 
@@ -59,89 +58,137 @@ impl Outbound {
     }
 }
 
-/// The registry's view of one connection: its queue and a way to ask it to close.
+/// The registry's view of one connection: its send queue and a way to ask it to close.
+///
+/// The queue is a plain deque behind a mutex rather than a channel: it allocates nothing
+/// until the first item arrives, so an idle connection costs only this struct, and taking
+/// an item is one uncontended lock. The connection task waits on `wake`, which is notified
+/// when the queue stops being empty and when a close is requested.
 #[derive(Debug)]
 pub struct ConnHandle {
     /// Connection id.
     pub conn: String,
-    tx: mpsc::Sender<Outbound>,
-    queued_bytes: AtomicUsize,
-    max_queued_bytes: usize,
-    close_requested: AtomicBool,
-    close_reason: Mutex<Option<(u16, &'static str)>>,
-    close_signal: Notify,
+    queue: Mutex<SendQueue>,
+    max_items: usize,
+    max_bytes: usize,
+    close_reason: OnceLock<(u16, &'static str)>,
+    wake: Notify,
+}
+
+/// Items waiting for the connection task and the bytes they are charged.
+#[derive(Debug, Default)]
+struct SendQueue {
+    items: VecDeque<Outbound>,
+    bytes: usize,
+}
+
+/// Capacity above which an emptied queue gives its memory back (a burst's worth of slots
+/// would otherwise stay allocated on an idle connection).
+const KEPT_QUEUE_SLOTS: usize = 16;
+
+/// What the connection task is woken for.
+pub enum Wakeup {
+    /// An item to deliver.
+    Item(Outbound),
+    /// The connection is asked to close with this code and reason.
+    Close(u16, &'static str),
 }
 
 impl ConnHandle {
-    /// A handle whose queue holds `max_items` items and `max_bytes` bytes; returns the
-    /// receiving end for the connection task.
-    pub fn new(
-        conn: String,
-        max_items: usize,
-        max_bytes: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(max_items);
-        let handle = Self {
+    /// A handle whose queue holds `max_items` items and `max_bytes` bytes.
+    pub fn new(conn: String, max_items: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
             conn,
-            tx,
-            queued_bytes: AtomicUsize::new(0),
-            max_queued_bytes: max_bytes,
-            close_requested: AtomicBool::new(false),
-            close_reason: Mutex::new(None),
-            close_signal: Notify::new(),
-        };
-        (Arc::new(handle), rx)
+            queue: Mutex::default(),
+            max_items,
+            max_bytes,
+            close_reason: OnceLock::new(),
+            wake: Notify::new(),
+        })
     }
 
     /// Queues `item` without waiting. A full queue asks the connection to close as a slow
     /// consumer; returns whether the item was queued.
     pub fn offer(&self, item: Outbound) -> bool {
-        if self.close_requested.load(Ordering::Relaxed) {
+        if self.close_reason.get().is_some() {
             return false;
         }
         let len = item.charged_bytes();
-        let before = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before + len > self.max_queued_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.request_close(close::SLOW_CONSUMER, "send queue overflow");
-            return false;
-        }
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(err) => {
-                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                if matches!(err, mpsc::error::TrySendError::Full(_)) {
-                    self.request_close(close::SLOW_CONSUMER, "send queue overflow");
-                }
+        let was_empty = {
+            let mut queue = lock(&self.queue);
+            if queue.items.len() >= self.max_items || queue.bytes + len > self.max_bytes {
+                None
+            } else {
+                queue.bytes += len;
+                queue.items.push_back(item);
+                Some(queue.items.len() == 1)
+            }
+        };
+        match was_empty {
+            None => {
+                self.request_close(close::SLOW_CONSUMER, "send queue overflow");
                 false
             }
+            Some(true) => {
+                self.wake.notify_one();
+                true
+            }
+            // The task has not yet seen the queue empty, so it will find this item.
+            Some(false) => true,
         }
     }
 
-    /// Called by the connection task for each item it takes from the queue.
-    pub fn taken(&self, item: &Outbound) {
-        self.queued_bytes
-            .fetch_sub(item.charged_bytes(), Ordering::AcqRel);
+    /// Takes the oldest queued item.
+    pub fn take(&self) -> Option<Outbound> {
+        let mut queue = lock(&self.queue);
+        let item = queue.items.pop_front()?;
+        queue.bytes -= item.charged_bytes();
+        if queue.items.is_empty() && queue.items.capacity() > KEPT_QUEUE_SLOTS {
+            queue.items = VecDeque::new();
+        }
+        Some(item)
+    }
+
+    /// Drops everything queued (a slow consumer's backlog is freed before its close).
+    pub fn discard_queued(&self) {
+        *lock(&self.queue) = SendQueue::default();
     }
 
     /// Asks the connection to close with `code`; the first request wins.
     pub fn request_close(&self, code: u16, reason: &'static str) {
-        if self.close_requested.swap(true, Ordering::AcqRel) {
-            return;
+        if self.close_reason.set((code, reason)).is_ok() {
+            self.wake.notify_one();
         }
-        if let Ok(mut slot) = self.close_reason.lock() {
-            *slot = Some((code, reason));
-        }
-        self.close_signal.notify_one();
+    }
+
+    /// The close requested so far, if any.
+    pub fn close_reason(&self) -> Option<(u16, &'static str)> {
+        self.close_reason.get().copied()
     }
 
     /// Waits until a close is requested and returns its code and reason.
     pub async fn close_requested(&self) -> (u16, &'static str) {
         loop {
-            if let Some(found) = self.close_reason.lock().ok().and_then(|slot| *slot) {
+            if let Some(found) = self.close_reason() {
                 return found;
             }
-            self.close_signal.notified().await;
+            self.wake.notified().await;
+        }
+    }
+
+    /// Waits for the next thing to do: a requested close first, then the oldest item.
+    ///
+    /// Every waiter checks the state before it sleeps and `Notify` keeps a wakeup that
+    /// found nobody waiting, so no item or close is missed between the check and the wait.
+    pub async fn next_wakeup(&self) -> Wakeup {
+        loop {
+            if let Some((code, reason)) = self.close_reason() {
+                return Wakeup::Close(code, reason);
+            }
+            if let Some(item) = self.take() {
+                return Wakeup::Item(item);
+            }
+            self.wake.notified().await;
         }
     }
 }
@@ -372,12 +419,14 @@ mod tests {
 
     #[test]
     fn queue_overflow_by_count_requests_slow_consumer_close() {
-        let (handle, _rx) = ConnHandle::new("c".into(), 2, 1 << 20);
+        let handle = ConnHandle::new("c".into(), 2, 1 << 20);
         assert!(handle.offer(frame(1)));
         assert!(handle.offer(frame(1)));
         assert!(!handle.offer(frame(1)));
-        let reason = *handle.close_reason.lock().unwrap();
-        assert_eq!(reason.map(|r| r.0), Some(close::SLOW_CONSUMER));
+        assert_eq!(
+            handle.close_reason().map(|r| r.0),
+            Some(close::SLOW_CONSUMER)
+        );
         assert!(
             !handle.offer(frame(1)),
             "nothing is queued after a close request"
@@ -386,12 +435,47 @@ mod tests {
 
     #[test]
     fn queue_overflow_by_bytes_requests_close_and_taking_frees_bytes() {
-        let (handle, mut rx) = ConnHandle::new("c".into(), 100, 10);
+        let handle = ConnHandle::new("c".into(), 100, 10);
         assert!(handle.offer(frame(6)));
-        let item = rx.try_recv().unwrap();
-        handle.taken(&item);
+        assert!(handle.take().is_some());
         assert!(handle.offer(frame(6)));
         assert!(!handle.offer(frame(6)));
-        assert!(handle.close_requested.load(Ordering::Relaxed));
+        assert!(handle.close_reason().is_some());
+    }
+
+    #[test]
+    fn items_come_out_in_order_and_a_close_comes_first() {
+        let handle = ConnHandle::new("c".into(), 10, 1 << 20);
+        for len in 1..=3 {
+            assert!(handle.offer(frame(len)));
+        }
+        let len_of = |item: Option<Outbound>| match item {
+            Some(Outbound::Frame(text)) => text.len(),
+            _ => 0,
+        };
+        assert_eq!(len_of(handle.take()), 1);
+        handle.request_close(close::SERVICE_RESTART, "drain");
+        handle.request_close(close::SLOW_CONSUMER, "later requests lose");
+        let first = futures_util::FutureExt::now_or_never(handle.next_wakeup());
+        assert!(matches!(
+            first,
+            Some(Wakeup::Close(close::SERVICE_RESTART, "drain"))
+        ));
+        assert_eq!(len_of(handle.take()), 2, "queued items stay for a flush");
+        assert_eq!(len_of(handle.take()), 3);
+        assert!(handle.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_task_is_woken_by_an_item_offered_later() {
+        let handle = ConnHandle::new("c".into(), 10, 1 << 20);
+        let waiter = tokio::spawn({
+            let handle = Arc::clone(&handle);
+            async move { matches!(handle.next_wakeup().await, Wakeup::Item(_)) }
+        });
+        tokio::task::yield_now().await;
+        assert!(handle.offer(frame(4)));
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+        assert!(matches!(woken, Ok(Ok(true))));
     }
 }

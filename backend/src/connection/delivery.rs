@@ -16,11 +16,6 @@ use crate::fanout::{Delivery, Outbound, encode, message_frame};
 
 impl Connection {
     /// Handles one item taken from the send queue.
-    pub(super) async fn on_outbound(&mut self, item: Outbound) -> Step {
-        self.handle.taken(&item);
-        self.deliver_item(item).await
-    }
-
     pub(super) async fn deliver_item(&mut self, item: Outbound) -> Step {
         match item {
             Outbound::Publication(delivery) => self.deliver_live(delivery).await,
@@ -40,7 +35,9 @@ impl Connection {
                     .await
             }
             Verdict::Duplicate | Verdict::NotJoined => Ok(()),
-            Verdict::Gap => self.fill_gap(room, Some(&delivery)).await,
+            // Rare, and it awaits history from the cluster: boxed, so its state is not
+            // carried by every connection's task.
+            Verdict::Gap => Box::pin(self.fill_gap(room, Some(&delivery))).await,
         }
     }
 
@@ -52,7 +49,7 @@ impl Connection {
             .get(room)
             .is_some_and(|c| c.epoch != position.epoch || c.last < position.offset);
         if behind {
-            self.fill_gap(room, None).await?;
+            Box::pin(self.fill_gap(room, None)).await?;
         }
         Ok(())
     }

@@ -107,7 +107,7 @@ fn open(
     restored: Option<&SessionRecord>,
 ) -> Connection {
     let limits = &node.config.limits;
-    let (handle, queue) = ConnHandle::new(
+    let handle = ConnHandle::new(
         conn.clone(),
         limits.send_queue_messages,
         limits.send_queue_bytes,
@@ -116,7 +116,6 @@ fn open(
     let session = restored
         .map(|record| record.id.clone())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let (sink, stream) = socket.split();
     Connection {
         bucket: TokenBucket::new(limits.publish_rate_per_sec, limits.publish_burst),
         bad_frames: BadFrameCounter::new(limits.max_bad_frames),
@@ -125,9 +124,7 @@ fn open(
         identity,
         session,
         handle,
-        queue,
-        sink,
-        stream,
+        socket,
         cursors: Default::default(),
         last_seen: Instant::now(),
         pending_save: None,
@@ -162,7 +159,7 @@ impl Connection {
         Ok(())
     }
 
-    async fn register(&self) {
+    async fn register(&mut self) {
         let result = self
             .node
             .cluster

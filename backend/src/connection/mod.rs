@@ -2,8 +2,8 @@
 //! messages in order, sends heartbeats, saves the session and cleans up.
 //!
 //! Phases: [`handshake`] (hello, auth, session restore), then the loop in
-//! [`Connection::run`] selecting over the socket, the send queue, the heartbeat and the
-//! session-save timer; [`requests`] answers client frames and [`delivery`] writes room
+//! [`Connection::run`] selecting over the socket, the send queue (and close requests) and
+//! one timer for the heartbeat and session saves; [`requests`] answers client frames and [`delivery`] writes room
 //! messages, filling gaps from history. Every socket write races the close signal, so a
 //! client that stops reading cannot hold its task once its queue overflows.
 
@@ -13,18 +13,17 @@ mod handshake;
 mod requests;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use ringcast_shared::cluster::SessionRecord;
+use ringcast_shared::config::NodeSection;
 use ringcast_shared::protocol::{ErrorCode, ServerFrame, close};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior, interval_at};
+use tokio::time::Instant;
 
 use crate::auth::Identity;
-use crate::fanout::{ConnHandle, Outbound, encode};
+use crate::fanout::{ConnHandle, Wakeup, encode};
 use crate::limits::{BadFrameCounter, TokenBucket};
 use crate::node::Node;
 use cursor::Cursors;
@@ -54,9 +53,7 @@ struct Connection {
     identity: Identity,
     session: String,
     handle: Arc<ConnHandle>,
-    queue: mpsc::Receiver<Outbound>,
-    sink: SplitSink<WebSocket, Message>,
-    stream: SplitStream<WebSocket>,
+    socket: WebSocket,
     cursors: Cursors,
     bucket: TokenBucket,
     bad_frames: BadFrameCounter,
@@ -68,10 +65,18 @@ struct Connection {
 pub async fn serve(node: Arc<Node>, socket: WebSocket) {
     node.metrics.connections.inc();
     let conn_id = uuid::Uuid::new_v4().simple().to_string();
-    match handshake::accept(Arc::clone(&node), socket, conn_id.clone()).await {
+    // The handshake and the clean-up run once and await cluster calls; boxed, their
+    // state is not part of every idle connection's task.
+    match Box::pin(handshake::accept(
+        Arc::clone(&node),
+        socket,
+        conn_id.clone(),
+    ))
+    .await
+    {
         Some(mut connection) => {
             let stop = connection.run().await;
-            connection.finish(stop).await;
+            Box::pin(connection.finish(stop)).await;
         }
         None => tracing::debug!(conn_id, "handshake did not complete"),
     }
@@ -80,30 +85,47 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket) {
 
 impl Connection {
     async fn run(&mut self) -> Stop {
-        let config = &self.node.config.node;
-        let first_ping = Instant::now() + config.heartbeat_interval;
-        let mut heartbeat = interval_at(first_ping, config.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let first_save = Instant::now() + config.session_save_interval;
-        let mut save = interval_at(first_save, config.session_save_interval);
-        save.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut timers = Timers::new(&self.node.config.node);
+        let timer = tokio::time::sleep_until(timers.deadline(self.cursors.is_dirty()));
+        tokio::pin!(timer);
         let handle = Arc::clone(&self.handle);
         loop {
+            if let Some((code, reason)) = handle.close_reason() {
+                return Stop::Close(code, reason.into());
+            }
             let step = tokio::select! {
                 biased;
-                (code, reason) = handle.close_requested() => Err(Stop::Close(code, reason.into())),
-                frame = self.stream.next() => self.on_socket(frame).await,
-                Some(item) = self.queue.recv() => self.on_outbound(item).await,
-                _ = heartbeat.tick() => self.on_heartbeat().await,
-                _ = save.tick() => {
-                    self.save_session_in_background();
-                    Ok(())
-                }
+                frame = self.socket.next() => Box::pin(self.on_socket(frame)).await,
+                wakeup = handle.next_wakeup() => match wakeup {
+                    Wakeup::Item(item) => self.deliver_item(item).await,
+                    Wakeup::Close(code, reason) => Err(Stop::Close(code, reason.into())),
+                },
+                () = &mut timer => self.on_timer(&mut timers).await,
             };
             if let Err(stop) = step {
                 return stop;
             }
+            // Re-arm only when the deadline moved: resetting a timer costs a trip through
+            // the timer wheel, and most steps (deliveries) leave it where it was.
+            let deadline = timers.deadline(self.cursors.is_dirty());
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
         }
+    }
+
+    /// Sends the heartbeat and saves the session when their times have come.
+    async fn on_timer(&mut self, timers: &mut Timers) -> Step {
+        let now = Instant::now();
+        if now >= timers.next_save {
+            timers.next_save = next_tick(timers.next_save, timers.save_every, now);
+            self.save_session_in_background();
+        }
+        if now >= timers.next_ping {
+            timers.next_ping = next_tick(timers.next_ping, timers.ping_every, now);
+            self.on_heartbeat().await?;
+        }
+        Ok(())
     }
 
     async fn on_heartbeat(&mut self) -> Step {
@@ -123,7 +145,7 @@ impl Connection {
         tokio::select! {
             biased;
             (code, reason) = handle.close_requested() => Err(Stop::Close(code, reason.into())),
-            result = self.sink.send(Message::Text(text)) => {
+            result = self.socket.send(Message::Text(text)) => {
                 self.node.metrics.frames_out.inc();
                 result.map_err(|_| Stop::Gone)
             }
@@ -205,8 +227,7 @@ impl Connection {
     /// Writes what is already queued (a drain closes after delivering it, so the saved
     /// offsets are what the client received).
     async fn flush_queue(&mut self) {
-        while let Ok(item) = self.queue.try_recv() {
-            self.handle.taken(&item);
+        while let Some(item) = self.handle.take() {
             let write = self.deliver_item(item);
             match tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await {
                 Ok(Ok(())) => {}
@@ -227,22 +248,20 @@ impl Connection {
             tracing::info!(conn_id = %self.conn, "closing slow consumer");
             patience = SLOW_CLOSE_WRITE_TIMEOUT;
             // Free the queued messages now rather than after the close is written.
-            while let Ok(item) = self.queue.try_recv() {
-                self.handle.taken(&item);
-            }
+            self.handle.discard_queued();
         }
         let frame = Message::Close(Some(CloseFrame {
             code,
             reason: Utf8Bytes::from(reason.to_owned()),
         }));
         let closing = async {
-            if self.sink.send(frame).await.is_err() {
+            if self.socket.send(frame).await.is_err() {
                 return;
             }
             // Finish the closing handshake: read (and drop) what the client still sends
             // until its close frame. Dropping a socket with unread input would reset it and
             // destroy the frames still on their way to the client.
-            while let Some(Ok(message)) = self.stream.next().await {
+            while let Some(Ok(message)) = self.socket.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }
@@ -257,6 +276,48 @@ impl Connection {
             self.leave_room(&room).await;
         }
     }
+}
+
+/// The connection's two periodic duties, served by one timer: the heartbeat, and saving
+/// the session when rooms or offsets changed since the last save.
+struct Timers {
+    ping_every: Duration,
+    next_ping: Instant,
+    save_every: Duration,
+    next_save: Instant,
+}
+
+impl Timers {
+    fn new(config: &NodeSection) -> Self {
+        let now = Instant::now();
+        Self {
+            ping_every: config.heartbeat_interval,
+            next_ping: now + config.heartbeat_interval,
+            save_every: config.session_save_interval,
+            next_save: now + config.session_save_interval,
+        }
+    }
+
+    /// When the connection next has something to do; a clean session needs no save, so
+    /// an idle connection wakes only for its heartbeat. Saves keep the connection's own
+    /// phase, so a room's members do not all save at the same instant.
+    fn deadline(&mut self, session_dirty: bool) -> Instant {
+        if !session_dirty {
+            return self.next_ping;
+        }
+        let now = Instant::now();
+        if self.next_save < now {
+            self.next_save = next_tick(self.next_save, self.save_every, now);
+        }
+        self.next_ping.min(self.next_save)
+    }
+}
+
+/// The first `start + k * every` (k ≥ 1) after `now`.
+fn next_tick(start: Instant, every: Duration, now: Instant) -> Instant {
+    let behind = now.saturating_duration_since(start).as_nanos() / every.as_nanos().max(1);
+    let steps = u32::try_from(behind + 1).unwrap_or(u32::MAX);
+    start + every * steps
 }
 
 async fn save_session(node: &Node, record: &SessionRecord) {
