@@ -23,7 +23,6 @@ use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 use std::collections::BTreeMap;
@@ -321,23 +320,16 @@ impl Tunnels {
 /// tunnel relayed through that API pays for it on every idle connection and on every
 /// relayed chunk. pingora only hands a connection's stream out by value, so the session is
 /// swapped for a stand-in that carries the same request head (for pingora's logging and
-/// cleanup after `request_filter`) over a local socket pair that closes right after.
+/// clean-up after `request_filter`). The stand-in reads from memory and discards what is
+/// written to it (pingora implements its stream trait for an in-memory cursor), so the
+/// swap costs no system call.
 ///
 /// A WebSocket client sends nothing after its handshake request until it has the answer
 /// (RFC 6455, section 4.1), so pingora holds no unread client bytes at this point.
 pub async fn take_client(session: &mut Session) -> pingora::Result<Stream> {
     let raw_head = session.as_downstream().to_h1_raw();
-    let (stand_in_end, feeder) = tokio::net::UnixStream::pair()
-        .map_err(|err| Error::because(ErrorType::InternalError, "stand-in socket pair", err))?;
-    let mut stand_in = ServerSession::new_http1(Box::new(L4Stream::from(stand_in_end)));
-    // Written and read side by side: a large head may not fit the socket pair's buffer.
-    let feed = async move {
-        let mut feeder = feeder;
-        feeder.write_all(&raw_head).await
-    };
-    let (fed, read) = tokio::join!(feed, stand_in.read_request());
-    fed.map_err(|err| Error::because(ErrorType::InternalError, "stand-in request", err))?;
-    read?;
+    let mut stand_in = ServerSession::new_http1(Box::new(std::io::Cursor::new(raw_head.to_vec())));
+    stand_in.read_request().await?;
     stand_in.set_keepalive(None);
     let original = std::mem::replace(session.as_downstream_mut(), stand_in);
     match original {
@@ -375,6 +367,10 @@ pub async fn relay(
     // per relayed chunk showed up in the edge's per-message CPU profile.
     let idle_timer = tokio::time::sleep(idle_for);
     tokio::pin!(idle_timer);
+    // Registered once as well: a fresh `notified()` per chunk takes the `Notify`'s lock to
+    // enlist and again to leave. A close sent meanwhile is kept as a permit either way.
+    let closed = handle.close.notified();
+    tokio::pin!(closed);
     loop {
         let end = tokio::select! {
             from_client = read_available(&mut client) => match from_client {
@@ -393,7 +389,7 @@ pub async fn relay(
                 }
             },
             () = &mut idle_timer => Some(TunnelEnd::Idle),
-            () = handle.close.notified() => {
+            () = &mut closed => {
                 let _ = upstream.shutdown().await;
                 Some(TunnelEnd::Shutdown)
             }

@@ -153,7 +153,10 @@ pub struct NodeLimitsConfig {
     /// Largest frame (message) a client may send; larger ones close the connection with
     /// 1009. Default 65536.
     pub max_message_bytes: usize,
-    /// WebSocket read buffer per connection. Default 4096.
+    /// WebSocket read buffer per connection, and the most read from the socket at once.
+    /// It stays allocated (and resident) for the connection's life, so it is most of an
+    /// idle connection's memory; client frames are mostly small requests, and a larger
+    /// frame is still accepted, read in several pieces. Default 2048.
     pub read_buffer_bytes: usize,
     /// WebSocket write buffer per connection. Default 4096.
     pub write_buffer_bytes: usize,
@@ -187,7 +190,7 @@ impl Default for NodeLimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 * 1024,
-            read_buffer_bytes: 4096,
+            read_buffer_bytes: 2048,
             write_buffer_bytes: 4096,
             max_rooms_per_connection: 64,
             publish_rate_per_sec: 50.0,
