@@ -125,8 +125,17 @@ pub struct RingcastSide {
 impl RingcastSide {
     /// Starts three nodes on the seed stack's Redis Cluster and an edge before them.
     pub async fn start(ctx: &Ctx, seed: &SeedStack) -> anyhow::Result<Self> {
+        Self::start_with(ctx, seed, 3).await
+    }
+
+    /// Starts `node_count` nodes on the seed stack's Redis Cluster and an edge before them.
+    pub async fn start_with(
+        ctx: &Ctx,
+        seed: &SeedStack,
+        node_count: usize,
+    ) -> anyhow::Result<Self> {
         let mut nodes = Vec::new();
-        for i in 0..3 {
+        for i in 0..node_count {
             nodes.push(ringcast::start_node(ctx, &format!("n{i}"), &seed.redis_urls()).await?);
         }
         let backends: Vec<_> = nodes.iter().map(|n| n.addr).collect();

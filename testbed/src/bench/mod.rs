@@ -12,7 +12,7 @@
 //! every figure is a median over rounds with its range, and the load generator's own ceiling
 //! (direct to the echo backends) is measured in the same rounds so that a result limited by
 //! the generator is flagged. Helpers: [`loadgen`], [`echo`], [`hold`], [`proxies`],
-//! [`procs`], [`stats`], [`report`], [`seed`].
+//! [`procs`], [`stats`], [`report`], [`seed`], [`setup`].
 
 pub mod echo;
 pub mod edge;
@@ -29,6 +29,7 @@ pub mod ringcast;
 pub mod rooms;
 pub mod scale;
 pub mod seed;
+pub mod setup;
 pub mod stats;
 
 use clap::{Args, Subcommand};
@@ -94,12 +95,17 @@ pub struct Common {
     /// Connections the scale bench tries to hold.
     #[arg(long, default_value_t = 50_000)]
     pub scale_conns: usize,
-    /// Where `ringcast-edge` and `ringcast-node` are (default: next to this binary).
+    /// Where `ringcast-edge` and `ringcast-node` are (default: built in release next to
+    /// this binary, as the demo does).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
-    /// The seed stack (nginx + socket.io) folder, set up with its setup.sh.
+    /// The seed stack (nginx + socket.io + Redis Cluster) folder; when it is not set up,
+    /// `--seed-src` is copied there and its setup.sh run.
     #[arg(long, default_value = "~/.cache/ringcast-bench/seed-stack")]
     pub seed_dir: String,
+    /// A pristine copy of the seed stack, used to set up `--seed-dir` when needed.
+    #[arg(long, default_value = "../shared/seed-stack")]
+    pub seed_src: PathBuf,
     /// Take `perf` CPU profiles of the compared processes (first round only).
     #[arg(long)]
     pub profile: bool,

@@ -3,6 +3,7 @@
 
 use super::Common;
 use super::procs::{self, Proc};
+use crate::binaries::{Binaries, Build};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,18 +90,28 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
     let self_exe = std::env::current_exe()?;
     let bin_dir = match &common.bin_dir {
         Some(dir) => dir.clone(),
-        None => self_exe
-            .parent()
-            .context("binary has no folder")?
-            .to_path_buf(),
+        None => {
+            let built = tokio::task::spawn_blocking(|| Binaries::locate(Build::Always)).await??;
+            built
+                .node
+                .parent()
+                .context("ringcast-node has no folder")?
+                .to_path_buf()
+        }
     };
+    let (seed_dir, seed_src) = (common.seed_dir.clone(), common.seed_src.clone());
+    let incumbents =
+        tokio::task::spawn_blocking(move || super::setup::prepare(&seed_dir, &seed_src)).await?;
+    for line in &incumbents {
+        eprintln!("bench: {line}");
+    }
     let ctx = Ctx {
         common: common.clone(),
         bin_dir,
         dir: tempfile::tempdir()?,
         self_exe,
     };
-    let mut doc = header(&ctx);
+    let mut doc = header(&ctx, &incumbents);
     for part in parts {
         let load = shell("cut -d' ' -f1-3 /proc/loadavg").trim().to_owned();
         eprintln!("== bench {part:?} ({}, load {load})", now_utc());
@@ -128,7 +139,7 @@ pub async fn run(common: &Common, parts: &[Part]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn header(ctx: &Ctx) -> String {
+fn header(ctx: &Ctx, incumbents: &[String]) -> String {
     let args: Vec<String> = std::env::args().collect();
     format!(
         "# Benchmarks\n\n\
@@ -136,7 +147,8 @@ fn header(ctx: &Ctx) -> String {
          ## Machine and command\n\n\
          - CPU: {cpu}, `nproc` = {nproc}\n- Memory (`free -h`):\n\n```\n{free}```\n\n\
          - Open files per process: {nofile} (hard limit, cannot be raised here)\n\
-         - Versions: {versions}\n\n\
+         - Versions: {versions}\n\
+         - Incumbents:\n{incumbents}\n\
          Command:\n\n```\n{cmd}\n```\n\n\
          Every table shows the median over {rounds} rounds and, in brackets, the range \
          (min–max). Within each round the compared targets run one after another in a \
@@ -147,6 +159,10 @@ fn header(ctx: &Ctx) -> String {
         free = shell("free -h"),
         nofile = shell("ulimit -Hn").trim(),
         versions = versions(),
+        incumbents = incumbents
+            .iter()
+            .map(|line| format!("  - {line}\n"))
+            .collect::<String>(),
         cmd = args.join(" "),
         rounds = ctx.common.rounds,
     )

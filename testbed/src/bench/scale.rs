@@ -1,12 +1,13 @@
-//! The scale bench: how many concurrent WebSockets this box holds through edges to three
+//! The scale bench: how many concurrent WebSockets this box holds through edges to
 //! `ringcast-node`s, with every one of them answering a ping end to end (client → edge →
 //! node → back), and the total resident memory.
 //!
 //! One edge process holds two descriptors per tunnel under a 20,000 open-files limit, so it
 //! tops out near 9,900 tunnels; that is a limit of this machine's configuration, not of the
 //! edge's design. The bench therefore measures one edge first, then as many edges (each
-//! with up to [`PER_EDGE`] tunnels, all in front of the same three nodes) as the target
-//! needs. Holders are separate processes for the same reason.
+//! with up to [`PER_EDGE`] tunnels, all in front of the same nodes) as the target needs.
+//! The same limit caps a node near 19,000 connections, so the nodes are scaled out too
+//! (see [`PER_NODE`]). Holders are separate processes for the same reason.
 
 use super::fanout::RingcastSide;
 use super::hold::{HoldArgs, Holder, Proto};
@@ -21,6 +22,10 @@ use std::time::{Duration, Instant};
 const PER_EDGE: usize = 9_500;
 /// Connections per holder process.
 const PER_HOLDER: usize = 9_500;
+/// Connections planned per node on average. A node admits up to 19,000 (its default
+/// `max_connections`, under the open-files limit), and hashing the client address spreads
+/// connections unevenly, so the average leaves room for a node taking half again its share.
+const PER_NODE: usize = 12_500;
 
 /// One configuration's result.
 struct Held {
@@ -42,8 +47,9 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
     let edges_needed = target.div_ceil(PER_EDGE);
     for edges in [1, edges_needed] {
         eprintln!("scale: {edges} edge(s)");
-        let side = RingcastSide::start(ctx, &seed).await?;
         let asked = (edges * PER_EDGE).min(target);
+        let node_count = asked.div_ceil(PER_NODE).max(3);
+        let side = RingcastSide::start_with(ctx, &seed, node_count).await?;
         results.push(hold_through(ctx, &seed, &side, edges, asked).await?);
         if edges_needed == 1 {
             break;
@@ -102,7 +108,7 @@ async fn hold_through(
     let edge_pids: Vec<u32> = all_edges.iter().flat_map(|e| e.pids()).collect();
     let node_pids: Vec<u32> = side.nodes.iter().map(|n| n.proc.pid()).collect();
     let held = Held {
-        label: format!("{edges} edge(s) + 3 nodes"),
+        label: format!("{edges} edge(s) + {} nodes", side.nodes.len()),
         asked,
         held: holders.iter().map(|h| h.ok).sum(),
         answered,
@@ -140,13 +146,15 @@ fn render(ctx: &Ctx, results: &[Held]) -> String {
         "## Scale: concurrent connections held through the edge\n\n\
          Target {target}. Clients (separate holder processes, {PER_HOLDER} connections each, \
          from 200 source networks) connect through `ringcast-edge` ({workers} worker) to \
-         three `ringcast-node`s on the Redis Cluster, complete hello/welcome, and then each \
+         `ringcast-node`s on the Redis Cluster (three, or one per {per_node} connections \
+         asked, whichever is more: a node holds one descriptor per connection), complete hello/welcome, and then each \
          sends a WebSocket ping that must come back through the edge from the node. One \
          edge process holds two descriptors per tunnel and the open-files limit is 20,000, \
          so one edge tops out near 9,900 tunnels; beyond that the bench runs several edge \
          processes in front of the same nodes (one run, single measurement).\n\n",
         target = stats::fmt(ctx.common.scale_conns as f64, 0),
         workers = ctx.common.workers,
+        per_node = stats::fmt(PER_NODE as f64, 0),
     );
     out += &stats::table(
         &[

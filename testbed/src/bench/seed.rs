@@ -6,7 +6,7 @@
 use super::procs;
 use anyhow::Context;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A running seed stack; `down.sh` stops it on drop.
@@ -25,7 +25,7 @@ impl SeedStack {
     pub fn up(dir: &str) -> anyhow::Result<Self> {
         let dir = expand_home(dir);
         anyhow::ensure!(
-            dir.join(".cache/node_modules/socket.io").exists(),
+            is_set_up(&dir),
             "the seed stack is not set up in {} (copy ../shared/seed-stack there and run its \
              setup.sh)",
             dir.display()
@@ -123,7 +123,13 @@ impl Drop for SeedStack {
     }
 }
 
-fn expand_home(dir: &str) -> PathBuf {
+/// Whether `dir` holds the seed stack with its npm packages installed.
+pub fn is_set_up(dir: &Path) -> bool {
+    dir.join("up.sh").exists() && dir.join(".cache/node_modules/socket.io").exists()
+}
+
+/// `dir` with a leading `~/` replaced by the home folder.
+pub fn expand_home(dir: &str) -> PathBuf {
     match dir.strip_prefix("~/") {
         Some(rest) => PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(rest),
         None => PathBuf::from(dir),
