@@ -168,7 +168,7 @@ fn nginx_command(setup: &Setup<'_>, dir: &Path, listen: SocketAddr) -> anyhow::R
         ],
     );
     let file = write(dir, "nginx.conf", &conf)?;
-    let mut cmd = Command::new(locate("nginx", &["/usr/sbin/nginx"])?);
+    let mut cmd = Command::new(locate(NGINX.0, &[NGINX.1])?);
     cmd.arg("-p")
         .arg(dir)
         .arg("-c")
@@ -191,7 +191,7 @@ fn haproxy_command(setup: &Setup<'_>, dir: &Path, listen: SocketAddr) -> anyhow:
         ],
     );
     let file = write(dir, "haproxy.cfg", &conf)?;
-    let mut cmd = Command::new(locate("haproxy", &["/usr/sbin/haproxy"])?);
+    let mut cmd = Command::new(locate(HAPROXY.0, &[HAPROXY.1])?);
     cmd.arg("-db").arg("-f").arg(file);
     Ok(cmd)
 }
@@ -223,6 +223,11 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     std::fs::write(&file, text).with_context(|| format!("write {file:?}"))?;
     Ok(file)
 }
+
+/// nginx's program name and its usual place when not on PATH.
+pub const NGINX: (&str, &str) = ("nginx", "/usr/sbin/nginx");
+/// HAProxy's program name and its usual place when not on PATH.
+pub const HAPROXY: (&str, &str) = ("haproxy", "/usr/sbin/haproxy");
 
 /// Finds a program on PATH or at one of the usual places.
 pub fn locate(program: &str, fallbacks: &[&str]) -> anyhow::Result<PathBuf> {

@@ -26,8 +26,7 @@ impl SeedStack {
         let dir = expand_home(dir);
         anyhow::ensure!(
             is_set_up(&dir),
-            "the seed stack is not set up in {} (copy ../shared/seed-stack there and run its \
-             setup.sh)",
+            "the seed stack is not set up in {} (see the incumbents in the report's header)",
             dir.display()
         );
         let redis_ports = free_ports_with_bus(6)?;

@@ -5,7 +5,7 @@
 //! Nothing here is fatal: what cannot be found or installed is reported with the reason,
 //! and the benchmarks that need it say in their section that they skipped it.
 
-use super::proxies::locate;
+use super::proxies::{HAPROXY, NGINX, locate};
 use super::seed;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -15,10 +15,7 @@ use std::process::Command;
 /// it was found, that it was installed, or why it is missing.
 pub fn prepare(seed_dir: &str, seed_src: &Path) -> Vec<String> {
     let mut lines = Vec::new();
-    for (program, fallback) in [
-        ("nginx", "/usr/sbin/nginx"),
-        ("haproxy", "/usr/sbin/haproxy"),
-    ] {
+    for (program, fallback) in [NGINX, HAPROXY] {
         let line = match ensure_program(program, fallback) {
             Ok((path, installed)) => {
                 let how = if installed {
