@@ -149,6 +149,11 @@ impl ConnHandle {
         Some(item)
     }
 
+    /// Whether an item is waiting in the queue.
+    pub fn has_queued(&self) -> bool {
+        !lock(&self.queue).items.is_empty()
+    }
+
     /// Drops everything queued (a slow consumer's backlog is freed before its close).
     pub fn discard_queued(&self) {
         *lock(&self.queue) = SendQueue::default();

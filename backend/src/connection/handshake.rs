@@ -128,6 +128,7 @@ fn open(
         cursors: Default::default(),
         last_seen: Instant::now(),
         pending_save: None,
+        unflushed: false,
     }
 }
 

@@ -6,6 +6,12 @@
 //! one timer for the heartbeat and session saves; [`requests`] answers client frames and [`delivery`] writes room
 //! messages, filling gaps from history. Every socket write races the close signal, so a
 //! client that stops reading cannot hold its task once its queue overflows.
+//!
+//! Writes are coalesced: while more items wait in the send queue, a frame is left in the
+//! WebSocket write buffer (which goes out by itself once `write_buffer_bytes` fill up),
+//! and the buffer is flushed as soon as the queue is empty. A busy room's burst then
+//! reaches the client in a few system calls instead of one per message, and a lone
+//! message is written at once.
 
 mod cursor;
 mod delivery;
@@ -13,7 +19,7 @@ mod handshake;
 mod requests;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use ringcast_shared::cluster::SessionRecord;
 use ringcast_shared::config::NodeSection;
 use ringcast_shared::protocol::{ErrorCode, ServerFrame, close};
@@ -59,6 +65,8 @@ struct Connection {
     bad_frames: BadFrameCounter,
     last_seen: Instant,
     pending_save: Option<JoinHandle<()>>,
+    /// Frames sit in the WebSocket write buffer, not yet flushed to the socket.
+    unflushed: bool,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -105,6 +113,12 @@ impl Connection {
             if let Err(stop) = step {
                 return stop;
             }
+            if self.unflushed
+                && !handle.has_queued()
+                && let Err(stop) = self.flush().await
+            {
+                return stop;
+            }
             // Re-arm only when the deadline moved: resetting a timer costs a trip through
             // the timer wheel, and most steps (deliveries) leave it where it was.
             let deadline = timers.deadline(self.cursors.is_dirty());
@@ -139,14 +153,39 @@ impl Connection {
             .await
     }
 
-    /// Writes a text frame, giving up when a close is requested meanwhile.
+    /// Writes a text frame, giving up when a close is requested meanwhile. While more
+    /// items are queued the frame is only buffered; the loop flushes once the queue is
+    /// empty.
     async fn write(&mut self, text: Utf8Bytes) -> Step {
+        let handle = Arc::clone(&self.handle);
+        let more = handle.has_queued();
+        let socket = &mut self.socket;
+        let written = async move {
+            if more {
+                socket.feed(Message::Text(text)).await
+            } else {
+                socket.send(Message::Text(text)).await
+            }
+        };
+        tokio::select! {
+            biased;
+            (code, reason) = handle.close_requested() => Err(Stop::Close(code, reason.into())),
+            result = written => {
+                self.node.metrics.frames_out.inc();
+                self.unflushed = more;
+                result.map_err(|_| Stop::Gone)
+            }
+        }
+    }
+
+    /// Flushes buffered frames, giving up when a close is requested meanwhile.
+    async fn flush(&mut self) -> Step {
         let handle = Arc::clone(&self.handle);
         tokio::select! {
             biased;
             (code, reason) = handle.close_requested() => Err(Stop::Close(code, reason.into())),
-            result = self.socket.send(Message::Text(text)) => {
-                self.node.metrics.frames_out.inc();
+            result = SinkExt::flush(&mut self.socket) => {
+                self.unflushed = false;
                 result.map_err(|_| Stop::Gone)
             }
         }
