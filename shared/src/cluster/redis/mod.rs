@@ -211,7 +211,7 @@ impl Shared {
         run_all(users).await?;
         let sweeps = rooms
             .into_iter()
-            .map(|room| async move { presence::list(self, &room).await.map(drop) });
+            .map(|room| async move { presence::sweep(self, &room).await });
         run_all(sweeps).await
     }
 }

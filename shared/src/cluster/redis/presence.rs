@@ -57,8 +57,8 @@ if member then redis.call('SPUBLISH', KEYS[3], 'L ' .. member) end
 return 1
 ";
 
-/// KEYS: pres, members, channel. Removes and announces expired entries, returns the rest.
-const LIST: &str = r"
+/// Lua helper, KEYS: pres, members, channel. Removes and announces expired entries.
+const REMOVE_EXPIRED: &str = r"
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, conn in ipairs(expired) do
   local member = redis.call('HGET', KEYS[2], conn)
@@ -66,6 +66,11 @@ for _, conn in ipairs(expired) do
   redis.call('HDEL', KEYS[2], conn)
   if member then redis.call('SPUBLISH', KEYS[3], 'L ' .. member) end
 end
+";
+
+/// Lua helper, KEYS: pres, members. Returns the member data of every entry (run after
+/// `REMOVE_EXPIRED`, so only live ones are left).
+const LIST: &str = r"
 local out = {}
 for _, conn in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local member = redis.call('HGET', KEYS[2], conn)
@@ -76,7 +81,12 @@ return out
 
 static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_now(JOIN));
 static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEAVE));
-static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_now(LIST));
+/// KEYS: pres, members, channel. Removes and announces expired entries, returns the rest.
+static LIST_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| with_now(&format!("{REMOVE_EXPIRED}{LIST}")));
+/// KEYS: pres, members, channel. Removes and announces expired entries, returns how many.
+static SWEEP_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| with_now(&format!("{REMOVE_EXPIRED}return #expired")));
 static REFRESH_SCRIPT: LazyLock<Script> = LazyLock::new(|| with_now(REFRESH));
 
 /// A script that starts with `now` set to the server clock in ms.
@@ -175,6 +185,22 @@ pub(crate) async fn list(shared: &Shared, room: &str) -> ClusterResult<Vec<Prese
         .collect::<ClusterResult<Vec<PresenceMember>>>()?;
     members.sort_by(|a, b| (a.joined_at_ms, &a.conn).cmp(&(b.joined_at_ms, &b.conn)));
     Ok(members)
+}
+
+/// Removes and announces the expired entries of `room`. Unlike [`list`] it reads no live
+/// member, so the periodic sweep of a large room costs Redis only its expired entries.
+pub(crate) async fn sweep(shared: &Shared, room: &str) -> ClusterResult<()> {
+    let keys = shared.keys.room(room);
+    let mut invocation = SWEEP_SCRIPT.prepare_invoke();
+    invocation
+        .key(&keys.presence)
+        .key(&keys.members)
+        .key(&keys.channel);
+    let mut conn = shared.conn();
+    let _: i64 = shared
+        .call(&keys.presence, invocation.invoke_async(&mut conn))
+        .await?;
+    Ok(())
 }
 
 /// Extends every entry this instance owns in `room`. An entry that left while the
