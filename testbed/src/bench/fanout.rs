@@ -19,6 +19,7 @@ use super::seed::SeedStack;
 use super::stats::{self, Samples};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,12 +67,14 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             eprintln!("fanout round {round} {}", stack.label());
             let roles = Roles {
                 redis: seed.redis_pids(),
+                redis_ports: seed.master_ports(),
                 ..roles
             };
             let profiles = (ctx.common.profile && round == 0).then_some(&mut profiles);
             match session(ctx, stack, addr, &roles, &mut samples, profiles).await {
-                Ok(spread) if round == 0 => {
+                Ok((spread, redis)) if round == 0 => {
                     notes.push(format!("{} members per server: {spread:?}", stack.label()));
+                    notes.push(format!("{}: {redis}", stack.label()));
                 }
                 Ok(_) => {}
                 Err(err) => notes.push(format!("{} round {round} failed: {err:#}", stack.label())),
@@ -90,6 +93,8 @@ pub struct Roles {
     pub proxy: Vec<u32>,
     /// The Redis Cluster's processes.
     pub redis: Vec<u32>,
+    /// The ports of the Redis Cluster's masters, whose command counters are read.
+    pub redis_ports: Vec<u16>,
 }
 
 impl Roles {
@@ -110,7 +115,7 @@ fn socketio_roles(seed: &SeedStack) -> anyhow::Result<Roles> {
     Ok(Roles {
         servers,
         proxy: seed.nginx_pids(),
-        redis: Vec::new(),
+        ..Roles::default()
     })
 }
 
@@ -155,7 +160,7 @@ impl RingcastSide {
         Roles {
             servers: self.nodes.iter().map(|n| n.proc.pid()).collect(),
             proxy: self.edge.pids(),
-            redis: Vec::new(),
+            ..Roles::default()
         }
     }
 }
@@ -165,6 +170,12 @@ impl RingcastSide {
 struct Tally {
     hist: Option<Histogram<u64>>,
     in_window: u64,
+    /// Every delivery of the step, warm-up and drain included: what the CPU measured over
+    /// the whole step was spent on.
+    all: u64,
+    /// (publish stamp, latency µs) of every delivery of a measured publish, so that the
+    /// first and the last delivery of each publish can be told apart.
+    deliveries: Vec<(u64, u64)>,
 }
 
 /// Shared step bounds, in nanoseconds since the origin.
@@ -181,7 +192,7 @@ async fn session(
     roles: &Roles,
     samples: &mut Samples,
     profiles: Option<&mut Vec<(String, String)>>,
-) -> anyhow::Result<std::collections::BTreeMap<String, usize>> {
+) -> anyhow::Result<(Spread, String)> {
     let target = stack.target(addr);
     let window = Arc::new(Window {
         origin: Instant::now(),
@@ -193,12 +204,21 @@ async fn session(
     let _members = AbortOnDrop(members);
     eprintln!("  {} members by server: {spread:?}", tallies.len());
     let mut best: f64 = 0.0;
+    let mut redis = String::from("Redis commands not read");
     for rate in RATES {
         let cpu0 = roles.each().map(|(_, pids)| procs::cpu_total(pids));
         let gen0 = procs::own_cpu_seconds();
+        let commands0 = (rate == RATES[0]).then(|| redis_commands(&roles.redis_ports));
         let step = run_step(ctx, stack, &target, &window, &tallies, rate).await?;
-        let delivered = step.arrivals_per_s * ctx.common.duration_s;
+        // CPU is measured over the whole step, so it is divided by the step's deliveries,
+        // warm-up and drain included, not by those of the measured window alone.
+        let delivered = step.delivered as f64;
         let per_delivery = |seconds: f64| seconds * 1e6 / delivered.max(1.0);
+        if let Some(before) = commands0 {
+            let published = rate * (WARMUP.as_secs_f64() + ctx.common.duration_s);
+            let after = redis_commands(&roles.redis_ports);
+            redis = per_publish(&before, &after, published);
+        }
         let by_role: Vec<(&str, f64)> = roles
             .each()
             .iter()
@@ -219,6 +239,18 @@ async fn session(
         if rate == RATES[0] {
             samples.push(stack.label(), "p50", step.p50 as f64);
             samples.push(stack.label(), "p99", step.p99 as f64);
+            for (name, hist) in [("first", &step.first), ("last", &step.last)] {
+                samples.push(
+                    stack.label(),
+                    &format!("{name}_p50"),
+                    hist.value_at_quantile(0.5) as f64,
+                );
+                samples.push(
+                    stack.label(),
+                    &format!("{name}_p99"),
+                    hist.value_at_quantile(0.99) as f64,
+                );
+            }
             samples.push(stack.label(), "lost10k", step.lost as f64);
             samples.push(stack.label(), "cpu10k", cpu);
             samples.push(stack.label(), "gen10k", gen_cpu);
@@ -249,7 +281,7 @@ async fn session(
             .unwrap_or_else(|err| format!("no profile: {err:#}"));
         profiles.push((label, text));
     }
-    Ok(spread)
+    Ok((spread, redis))
 }
 
 /// Publishes per second of the extra, uncounted step profiled with `--profile` (the
@@ -257,7 +289,7 @@ async fn session(
 const PROFILED_RATE: f64 = 30.0;
 
 type Tallies = Vec<Arc<Mutex<Tally>>>;
-type Spread = std::collections::BTreeMap<String, usize>;
+type Spread = BTreeMap<String, usize>;
 
 /// Aborts tasks (and so drops their sockets) when dropped.
 pub struct AbortOnDrop(pub Vec<tokio::task::JoinHandle<()>>);
@@ -294,13 +326,13 @@ async fn start_members(
     }
     let mut tallies = Vec::new();
     let mut handles = Vec::new();
-    let mut spread = std::collections::BTreeMap::new();
+    let mut spread = BTreeMap::new();
     for join in joins {
         let client = join.await??;
         *spread.entry(client.server.clone()).or_insert(0) += 1;
         let tally = Arc::new(Mutex::new(Tally {
             hist: Some(new_hist()),
-            in_window: 0,
+            ..Tally::default()
         }));
         tallies.push(tally.clone());
         handles.push(tokio::spawn(listen(
@@ -323,14 +355,16 @@ async fn listen(stack: Stack, mut ws: loadgen::Ws, tally: Arc<Mutex<Tally>>, win
                 let from = window.from_ns.load(Ordering::Relaxed);
                 let to = window.to_ns.load(Ordering::Relaxed);
                 let mut t = tally.lock().expect("tally lock");
+                t.all += 1;
                 if now_ns >= from && now_ns < to {
                     t.in_window += 1;
                 }
-                if stamp >= from
-                    && stamp < to
-                    && let Some(hist) = t.hist.as_mut()
-                {
-                    let _ = hist.record(((now_ns.saturating_sub(stamp)) / 1000).max(1));
+                if stamp >= from && stamp < to {
+                    let latency_us = (now_ns.saturating_sub(stamp) / 1000).max(1);
+                    if let Some(hist) = t.hist.as_mut() {
+                        let _ = hist.record(latency_us);
+                    }
+                    t.deliveries.push((stamp, latency_us));
                 }
             }
             Event::Heartbeat(reply) => {
@@ -348,6 +382,11 @@ struct Step {
     p50: u64,
     p99: u64,
     lost: u64,
+    /// Deliveries over the whole step (warm-up, window and drain).
+    delivered: u64,
+    /// Latency of the first delivery of each publish, and of the last.
+    first: Histogram<u64>,
+    last: Histogram<u64>,
 }
 
 async fn run_step(
@@ -386,11 +425,24 @@ async fn run_step(
 
 fn collect(tallies: &Tallies, published: u64, duration: Duration) -> anyhow::Result<Step> {
     let mut hist = new_hist();
-    let mut arrivals = 0;
+    let (mut arrivals, mut delivered) = (0, 0);
+    // Per publish stamp: the quickest and the slowest of its deliveries.
+    let mut bursts: std::collections::HashMap<u64, (u64, u64)> = Default::default();
     for tally in tallies {
         let mut t = tally.lock().expect("tally lock");
         hist.add(t.hist.replace(new_hist()).expect("histogram present"))?;
         arrivals += std::mem::take(&mut t.in_window);
+        delivered += std::mem::take(&mut t.all);
+        for (stamp, latency_us) in std::mem::take(&mut t.deliveries) {
+            let burst = bursts.entry(stamp).or_insert((latency_us, latency_us));
+            burst.0 = burst.0.min(latency_us);
+            burst.1 = burst.1.max(latency_us);
+        }
+    }
+    let (mut first, mut last) = (new_hist(), new_hist());
+    for (quickest, slowest) in bursts.into_values() {
+        first.saturating_record(quickest);
+        last.saturating_record(slowest);
     }
     let expected = published * tallies.len() as u64;
     Ok(Step {
@@ -398,7 +450,78 @@ fn collect(tallies: &Tallies, published: u64, duration: Duration) -> anyhow::Res
         p50: hist.value_at_quantile(0.5),
         p99: hist.value_at_quantile(0.99),
         lost: expected.saturating_sub(hist.len()),
+        delivered,
+        first,
+        last,
     })
+}
+
+/// Calls and microseconds of each Redis command, summed over the servers on `ports`
+/// (`INFO commandstats`; a server that does not answer counts nothing).
+fn redis_commands(ports: &[u16]) -> BTreeMap<String, (u64, u64)> {
+    let mut total = BTreeMap::new();
+    for port in ports {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "INFO", "commandstats"])
+            .output();
+        let Ok(out) = out else { continue };
+        for (name, calls, usec) in parse_commandstats(&String::from_utf8_lossy(&out.stdout)) {
+            let entry = total.entry(name).or_insert((0, 0));
+            entry.0 += calls;
+            entry.1 += usec;
+        }
+    }
+    total
+}
+
+/// `(command, calls, usec)` from `INFO commandstats` lines such as
+/// `cmdstat_xadd:calls=10,usec=52,usec_per_call=5.20,rejected_calls=0,failed_calls=0`.
+fn parse_commandstats(text: &str) -> Vec<(String, u64, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+            };
+            Some((name.to_owned(), field("calls")?, field("usec")?))
+        })
+        .collect()
+}
+
+/// "Redis commands per publish" line: each command's calls and time inside Redis per
+/// publish between two counter readings, busiest first. A script's time (`evalsha`)
+/// includes the commands it runs, which are counted under their own names as well.
+fn per_publish(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    published: f64,
+) -> String {
+    let mut rows: Vec<(String, f64, f64)> = after
+        .iter()
+        .map(|(name, (calls, usec))| {
+            let (c0, u0) = before.get(name).copied().unwrap_or((0, 0));
+            let per = |n: u64| n as f64 / published.max(1.0);
+            (
+                name.clone(),
+                per(calls - c0.min(*calls)),
+                per(usec - u0.min(*usec)),
+            )
+        })
+        .filter(|(_, calls, _)| *calls > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let listed: Vec<String> = rows
+        .iter()
+        .take(6)
+        .map(|(name, calls, usec)| format!("{name} {calls:.1} calls, {usec:.1} µs"))
+        .collect();
+    format!(
+        "Redis commands per publish at 10 publishes/s (masters' `INFO commandstats`; a \
+         script's time includes the commands it runs, listed under their own names too): {}",
+        listed.join("; ")
+    )
 }
 
 fn render(ctx: &Ctx, s: &Samples, notes: &[String]) -> String {
@@ -446,6 +569,34 @@ fn render(ctx: &Ctx, s: &Samples, notes: &[String]) -> String {
         ],
         &rows,
     );
+    out += &format!(
+        "\nThe same latency per publish, at 10,000 deliveries/s: each publish reaches its \
+         {MEMBERS} members as a burst, and the first delivery of a burst shows the path \
+         publish → Redis → node → proxy → member, while the last one also waits for every \
+         other delivery of the burst to be written, relayed and read on this box's cores:\n\n"
+    );
+    let bursts: Vec<Vec<String>> = ["ringcast", "socket.io"]
+        .iter()
+        .map(|l| {
+            vec![
+                (*l).to_owned(),
+                s.cell(l, "first_p50", 0),
+                s.cell(l, "first_p99", 0),
+                s.cell(l, "last_p50", 0),
+                s.cell(l, "last_p99", 0),
+            ]
+        })
+        .collect();
+    out += &stats::table(
+        &[
+            "stack",
+            "first delivery p50 µs",
+            "first delivery p99 µs",
+            "last delivery p50 µs",
+            "last delivery p99 µs",
+        ],
+        &bursts,
+    );
     out += "\nStack CPU per delivery by role (µs), at 10,000 deliveries/s and at the saturating \
             step; the ratio column is socket.io's stack CPU over Ringcast's, the deliveries one \
             core-second of stack CPU buys relative to socket.io:\n\n";
@@ -482,4 +633,36 @@ fn render(ctx: &Ctx, s: &Samples, notes: &[String]) -> String {
         out += &format!("- {note}\n");
     }
     out + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commandstats_lines_are_parsed() {
+        let text = "# Commandstats\r\n\
+            cmdstat_xadd:calls=10,usec=52,usec_per_call=5.20,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_spublish:calls=4,usec=8,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n\
+            not a stat line\r\n";
+        assert_eq!(
+            parse_commandstats(text),
+            vec![("xadd".to_owned(), 10, 52), ("spublish".to_owned(), 4, 8)]
+        );
+    }
+
+    #[test]
+    fn commands_per_publish_are_the_difference_busiest_first() {
+        let before = BTreeMap::from([("xadd".to_owned(), (10, 100)), ("get".to_owned(), (5, 5))]);
+        let after = BTreeMap::from([
+            ("xadd".to_owned(), (30, 300)),
+            ("get".to_owned(), (5, 5)),
+            ("spublish".to_owned(), (20, 40)),
+        ]);
+        let line = per_publish(&before, &after, 20.0);
+        assert!(
+            line.ends_with("xadd 1.0 calls, 10.0 µs; spublish 1.0 calls, 2.0 µs"),
+            "{line}"
+        );
+    }
 }

@@ -27,7 +27,11 @@ impl Profile {
         let file = dir.join(format!("perf-{}.data", label.replace(['/', ' '], "_")));
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
         let mut cmd = Command::new("perf");
-        cmd.args(["record", "-F", FREQUENCY, "-g", "-p", &list.join(","), "-o"])
+        // DWARF unwinding: the release builds keep no frame pointers, and frame-pointer
+        // call chains stop at the first Rust frame, so callers would be lost.
+        cmd.args(["record", "-F", FREQUENCY, "--call-graph", "dwarf", "-p"])
+            .arg(list.join(","))
+            .arg("-o")
             .arg(&file);
         let log = dir.join(format!("perf-{}.log", label.replace(['/', ' '], "_")));
         let proc = Proc::spawn("perf", cmd, &log)?;
@@ -50,23 +54,46 @@ impl Profile {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         drop(self.proc);
-        let by_binary = report(&self.file, "dso", |_| true, SHARES)?;
+        let by_binary = report(&self.file, "dso", false, |_| true, SHARES)?;
         // Kernel time is mostly the same TCP work for every proxy; the user-space symbols
         // are where the programs differ.
-        let user = report(&self.file, "dso,sym", |line| !line.contains("[k]"), TOP)?;
-        Ok(format!(
+        let user = report(
+            &self.file,
+            "dso,sym",
+            false,
+            |line| !line.contains("[k]"),
+            TOP,
+        )?;
+        // Time spent in a function and everything it called (system calls included), for
+        // the Ringcast and pingora functions: which step of the work costs what.
+        let steps = report(&self.file, "sym", true, is_own_step, TOP).unwrap_or_default();
+        let mut text = format!(
             "share of samples by binary:\n{by_binary}\n\nhottest user-space symbols (self time):\n{user}"
-        ))
+        );
+        if !steps.is_empty() {
+            text += &format!(
+                "\n\nRingcast and pingora functions, time including callees (children, self):\n{steps}"
+            );
+        }
+        Ok(text)
     }
 }
 
 /// Lines shown of the split by binary.
 const SHARES: usize = 6;
 
-/// The first `take` lines of `perf report --sort <sort>` that `keep` accepts.
+/// Whether a `perf report` line names a step of Ringcast's or pingora's own work (rather
+/// than the runtime, the allocator or the kernel).
+fn is_own_step(line: &str) -> bool {
+    ["ringcast_", "pingora_"].iter().any(|c| line.contains(c))
+}
+
+/// The first `take` lines of `perf report --sort <sort>` that `keep` accepts; with
+/// `children`, each symbol's share includes the functions it called.
 fn report(
     file: &Path,
     sort: &str,
+    children: bool,
     keep: impl Fn(&str) -> bool,
     take: usize,
 ) -> anyhow::Result<String> {
@@ -74,7 +101,12 @@ fn report(
         .args([
             "report",
             "--stdio",
-            "--no-children",
+            "--no-inline",
+            if children {
+                "--children"
+            } else {
+                "--no-children"
+            },
             "-g",
             "none",
             "--sort",
@@ -104,7 +136,7 @@ pub fn render(profiles: &[(String, String)]) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "CPU profiles (`perf record -g` during an extra, uncounted run of the same load):\n\n",
+        "CPU profiles (`perf record --call-graph dwarf` during an extra, uncounted run of the same load):\n\n",
     );
     for (label, text) in profiles {
         out += &format!("{label}:\n\n```\n{text}\n```\n\n");

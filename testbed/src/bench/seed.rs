@@ -65,6 +65,11 @@ impl SeedStack {
             .collect()
     }
 
+    /// Ports of the cluster's masters.
+    pub fn master_ports(&self) -> Vec<u16> {
+        self.redis_ports[..3].to_vec()
+    }
+
     /// Address of socket.io server `i`.
     pub fn node_addr(&self, i: usize) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.node_ports[i]))
