@@ -94,7 +94,8 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket) {
 impl Connection {
     async fn run(&mut self) -> Stop {
         let mut timers = Timers::new(&self.node.config.node);
-        let timer = tokio::time::sleep_until(timers.deadline(self.cursors.is_dirty()));
+        let first = timers.deadline(self.cursors.is_dirty(), Instant::now());
+        let timer = tokio::time::sleep_until(first);
         tokio::pin!(timer);
         let handle = Arc::clone(&self.handle);
         loop {
@@ -121,7 +122,7 @@ impl Connection {
             }
             // Re-arm only when the deadline moved: resetting a timer costs a trip through
             // the timer wheel, and most steps (deliveries) leave it where it was.
-            let deadline = timers.deadline(self.cursors.is_dirty());
+            let deadline = timers.deadline(self.cursors.is_dirty(), Instant::now());
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -324,6 +325,9 @@ struct Timers {
     next_ping: Instant,
     save_every: Duration,
     next_save: Instant,
+    /// The session was already dirty when the deadline was last computed, so the save at
+    /// `next_save` is owed even once that time has passed.
+    save_owed: bool,
 }
 
 impl Timers {
@@ -334,20 +338,25 @@ impl Timers {
             next_ping: now + config.heartbeat_interval,
             save_every: config.session_save_interval,
             next_save: now + config.session_save_interval,
+            save_owed: false,
         }
     }
 
     /// When the connection next has something to do; a clean session needs no save, so
     /// an idle connection wakes only for its heartbeat. Saves keep the connection's own
-    /// phase, so a room's members do not all save at the same instant.
-    fn deadline(&mut self, session_dirty: bool) -> Instant {
+    /// phase, so a room's members do not all save at the same instant: a session that
+    /// turns dirty after its save time passed waits for its next tick, while a save that
+    /// was already due stays due (a busy connection whose steps keep beating the timer
+    /// still saves).
+    fn deadline(&mut self, session_dirty: bool, now: Instant) -> Instant {
         if !session_dirty {
+            self.save_owed = false;
             return self.next_ping;
         }
-        let now = Instant::now();
-        if self.next_save < now {
+        if !self.save_owed && self.next_save < now {
             self.next_save = next_tick(self.next_save, self.save_every, now);
         }
+        self.save_owed = true;
         self.next_ping.min(self.next_save)
     }
 }
@@ -377,4 +386,46 @@ async fn close_raw(node: &Node, socket: &mut WebSocket, code: u16, reason: &str)
         reason: Utf8Bytes::from(reason.to_owned()),
     }));
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.send(frame)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timers(start: Instant) -> Timers {
+        Timers {
+            ping_every: Duration::from_secs(25),
+            next_ping: start + Duration::from_secs(25),
+            save_every: Duration::from_secs(2),
+            next_save: start + Duration::from_secs(2),
+            save_owed: false,
+        }
+    }
+
+    #[test]
+    fn a_clean_session_wakes_only_for_the_heartbeat() {
+        let start = Instant::now();
+        let mut t = timers(start);
+        assert_eq!(t.deadline(false, start), start + Duration::from_secs(25));
+    }
+
+    #[test]
+    fn a_save_already_due_is_not_pushed_back_by_later_steps() {
+        let start = Instant::now();
+        let mut t = timers(start);
+        let due = start + Duration::from_secs(2);
+        assert_eq!(t.deadline(true, start + Duration::from_secs(1)), due);
+        // A delivery handled just after the save time, before the timer fired.
+        let late = due + Duration::from_millis(5);
+        assert_eq!(t.deadline(true, late), due);
+    }
+
+    #[test]
+    fn a_session_turning_dirty_after_its_save_time_waits_for_its_next_tick() {
+        let start = Instant::now();
+        let mut t = timers(start);
+        assert_eq!(t.deadline(false, start), start + Duration::from_secs(25));
+        let later = start + Duration::from_millis(4_500);
+        assert_eq!(t.deadline(true, later), start + Duration::from_secs(6));
+    }
 }

@@ -8,7 +8,7 @@
 
 use super::loadgen::{self, Load};
 use super::procs;
-use super::profile::{self, Profile};
+use super::profile::{self, Profile, SyscallCount};
 use super::proxies::{self, Kind, Running, Setup};
 use super::report::Ctx;
 use super::stats::{self, Samples};
@@ -111,9 +111,9 @@ async fn measure(
     samples.push(label, "hs_errors", hs.errors as f64);
     cpu.record(samples, label, hs.per_s * load.duration.as_secs_f64(), "hs");
     if let Some(profiles) = profiles {
-        let saturation = profiled(running, Run::Saturation(load)).await;
+        let saturation = profiled(ctx, running, Run::Saturation(load)).await;
         profiles.push((format!("{label}, echo saturation"), saturation));
-        let handshakes = profiled(running, Run::Handshakes(load.duration)).await;
+        let handshakes = profiled(ctx, running, Run::Handshakes(load.duration)).await;
         profiles.push((format!("{label}, handshakes"), handshakes));
     }
     eprintln!(
@@ -135,19 +135,28 @@ enum Run {
 }
 
 /// An extra run (not counted) with `perf` attached to the proxy.
-async fn profiled(running: &Running, run: Run) -> String {
-    let dir = std::env::temp_dir();
+async fn profiled(ctx: &Ctx, running: &Running, run: Run) -> String {
+    let dir = ctx.dir.path();
+    let label = running.kind.label();
     let profiled_run = async {
-        let perf = Profile::start(running.kind.label(), &running.pids(), &dir)?;
-        match run {
+        let perf = Profile::start(label, &running.pids(), dir)?;
+        let calls = SyscallCount::start(label, &running.pids(), dir)?;
+        let (units, unit) = match run {
             Run::Saturation(load) => {
-                loadgen::throughput(&running.targets, load, WINDOW).await?;
+                let tp = loadgen::throughput(&running.targets, load, WINDOW).await?;
+                let msgs = tp.msgs_per_s * (load.duration + load.warmup).as_secs_f64();
+                (msgs, "echoed message")
             }
             Run::Handshakes(duration) => {
-                loadgen::handshakes(&running.targets, HANDSHAKE_LOOPS, SPREAD, duration).await?;
+                let hs = loadgen::handshakes(&running.targets, HANDSHAKE_LOOPS, SPREAD, duration)
+                    .await?;
+                (hs.per_s * duration.as_secs_f64(), "handshake")
             }
-        }
-        tokio::task::spawn_blocking(move || perf.finish()).await?
+        };
+        let calls = tokio::task::spawn_blocking(move || calls.finish(units)).await?;
+        let calls = calls.unwrap_or_else(|err| format!("not counted: {err:#}"));
+        let profile = tokio::task::spawn_blocking(move || perf.finish()).await??;
+        anyhow::Ok(format!("system calls per {unit}: {calls}\n\n{profile}"))
     };
     profiled_run
         .await

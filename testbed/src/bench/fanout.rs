@@ -10,7 +10,7 @@
 
 use super::loadgen::{self, new_hist};
 use super::procs::{self};
-use super::profile::{self, Profile};
+use super::profile::{self, Profile, SyscallCount};
 use super::proxies::{self, Kind, Setup};
 use super::report::Ctx;
 use super::ringcast::{self, Node};
@@ -209,15 +209,16 @@ async fn session(
         let cpu0 = roles.each().map(|(_, pids)| procs::cpu_total(pids));
         let gen0 = procs::own_cpu_seconds();
         let commands0 = (rate == RATES[0]).then(|| redis_commands(&roles.redis_ports));
+        let step_started = Instant::now();
         let step = run_step(ctx, stack, &target, &window, &tallies, rate).await?;
+        let step_seconds = step_started.elapsed().as_secs_f64();
         // CPU is measured over the whole step, so it is divided by the step's deliveries,
         // warm-up and drain included, not by those of the measured window alone.
         let delivered = step.delivered as f64;
         let per_delivery = |seconds: f64| seconds * 1e6 / delivered.max(1.0);
         if let Some(before) = commands0 {
-            let published = rate * (WARMUP.as_secs_f64() + ctx.common.duration_s);
             let after = redis_commands(&roles.redis_ports);
-            redis = per_publish(&before, &after, published);
+            redis = per_second(&before, &after, step_seconds);
         }
         let by_role: Vec<(&str, f64)> = roles
             .each()
@@ -273,8 +274,15 @@ async fn session(
         let profiled = async {
             let pids = [roles.servers.as_slice(), &roles.proxy].concat();
             let perf = Profile::start(stack.label(), &pids, ctx.dir.path())?;
-            run_step(ctx, stack, &target, &window, &tallies, PROFILED_RATE).await?;
-            tokio::task::spawn_blocking(move || perf.finish()).await?
+            let calls = SyscallCount::start(stack.label(), &pids, ctx.dir.path())?;
+            let step = run_step(ctx, stack, &target, &window, &tallies, PROFILED_RATE).await?;
+            let delivered = step.delivered as f64;
+            let calls = tokio::task::spawn_blocking(move || calls.finish(delivered)).await?;
+            let calls = calls.unwrap_or_else(|err| format!("not counted: {err:#}"));
+            let profile = tokio::task::spawn_blocking(move || perf.finish()).await??;
+            anyhow::Ok(format!(
+                "system calls of the servers and the proxy per delivery: {calls}\n\n{profile}"
+            ))
         };
         let text = profiled
             .await
@@ -285,8 +293,9 @@ async fn session(
 }
 
 /// Publishes per second of the extra, uncounted step profiled with `--profile` (the
-/// servers and the proxy are sampled; Redis is left out).
-const PROFILED_RATE: f64 = 30.0;
+/// servers and the proxy are sampled; Redis is left out): the highest step both stacks
+/// keep up with, so the profile shows the work near saturation.
+const PROFILED_RATE: f64 = 100.0;
 
 type Tallies = Vec<Arc<Mutex<Tally>>>;
 type Spread = BTreeMap<String, usize>;
@@ -490,19 +499,19 @@ fn parse_commandstats(text: &str) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-/// "Redis commands per publish" line: each command's calls and time inside Redis per
-/// publish between two counter readings, busiest first. A script's time (`evalsha`)
-/// includes the commands it runs, which are counted under their own names as well.
-fn per_publish(
+/// "Redis commands per second" line: each command's calls and time inside Redis per
+/// second between two counter readings `seconds` apart, busiest first. A script's time
+/// (`evalsha`) includes the commands it runs, which are counted under their own names too.
+fn per_second(
     before: &BTreeMap<String, (u64, u64)>,
     after: &BTreeMap<String, (u64, u64)>,
-    published: f64,
+    seconds: f64,
 ) -> String {
     let mut rows: Vec<(String, f64, f64)> = after
         .iter()
         .map(|(name, (calls, usec))| {
             let (c0, u0) = before.get(name).copied().unwrap_or((0, 0));
-            let per = |n: u64| n as f64 / published.max(1.0);
+            let per = |n: u64| n as f64 / seconds.max(1e-3);
             (
                 name.clone(),
                 per(calls - c0.min(*calls)),
@@ -515,10 +524,10 @@ fn per_publish(
     let listed: Vec<String> = rows
         .iter()
         .take(6)
-        .map(|(name, calls, usec)| format!("{name} {calls:.1} calls, {usec:.1} µs"))
+        .map(|(name, calls, usec)| format!("{name} {calls:.0} calls/s, {usec:.0} µs/s"))
         .collect();
     format!(
-        "Redis commands per publish at 10 publishes/s (masters' `INFO commandstats`; a \
+        "Redis commands during the 10 publishes/s step (masters' `INFO commandstats`; a \
          script's time includes the commands it runs, listed under their own names too): {}",
         listed.join("; ")
     )
@@ -652,16 +661,16 @@ mod tests {
     }
 
     #[test]
-    fn commands_per_publish_are_the_difference_busiest_first() {
+    fn commands_per_second_are_the_difference_busiest_first() {
         let before = BTreeMap::from([("xadd".to_owned(), (10, 100)), ("get".to_owned(), (5, 5))]);
         let after = BTreeMap::from([
             ("xadd".to_owned(), (30, 300)),
             ("get".to_owned(), (5, 5)),
             ("spublish".to_owned(), (20, 40)),
         ]);
-        let line = per_publish(&before, &after, 20.0);
+        let line = per_second(&before, &after, 2.0);
         assert!(
-            line.ends_with("xadd 1.0 calls, 10.0 µs; spublish 1.0 calls, 2.0 µs"),
+            line.ends_with("xadd 10 calls/s, 100 µs/s; spublish 10 calls/s, 20 µs/s"),
             "{line}"
         );
     }

@@ -4,6 +4,7 @@
 //! and the report says so.
 
 use super::procs::Proc;
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -45,14 +46,7 @@ impl Profile {
 
     /// Stops sampling and returns the hottest symbols as text.
     pub fn finish(self) -> anyhow::Result<String> {
-        let pid = nix::unistd::Pid::from_raw(self.proc.pid() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
-        for _ in 0..100 {
-            if !Path::new(&format!("/proc/{pid}")).exists() || zombie(pid.as_raw() as u32) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        stop(&self.proc);
         drop(self.proc);
         let by_binary = report(&self.file, "dso", false, |_| true, SHARES)?;
         // Kernel time is mostly the same TCP work for every proxy; the user-space symbols
@@ -76,6 +70,96 @@ impl Profile {
             );
         }
         Ok(text)
+    }
+}
+
+/// The system calls counted by [`SyscallCount`], by tracepoint name.
+const SYSCALLS: [&str; 7] = [
+    "recvfrom",
+    "sendto",
+    "read",
+    "write",
+    "epoll_wait",
+    "epoll_ctl",
+    "futex",
+];
+
+/// A running `perf stat` counting the system calls some processes make, so that two
+/// programs doing the same work can be compared call by call.
+pub struct SyscallCount {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl SyscallCount {
+    /// Starts counting the system calls of `pids` (all threads) until [`SyscallCount::finish`].
+    pub fn start(label: &str, pids: &[u32], dir: &Path) -> anyhow::Result<Self> {
+        anyhow::ensure!(!pids.is_empty(), "nothing to count");
+        let name = label.replace(['/', ' '], "_");
+        let file = dir.join(format!("syscalls-{name}.csv"));
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let events: Vec<String> = std::iter::once("raw_syscalls:sys_enter".to_owned())
+            .chain(SYSCALLS.iter().map(|s| format!("syscalls:sys_enter_{s}")))
+            .collect();
+        let mut cmd = Command::new("perf");
+        cmd.args(["stat", "-x", ",", "-e", &events.join(","), "-p"])
+            .arg(list.join(","))
+            .arg("-o")
+            .arg(&file);
+        let proc = Proc::spawn("perf-stat", cmd, &dir.join(format!("syscalls-{name}.log")))?;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Ok(Self { proc, file })
+    }
+
+    /// Stops counting and returns the calls per unit of work (`units` of it were done):
+    /// each counted call, then "other", then the total.
+    pub fn finish(self, units: f64) -> anyhow::Result<String> {
+        stop(&self.proc);
+        drop(self.proc);
+        let text = std::fs::read_to_string(&self.file)?;
+        let counts = parse_stat(&text);
+        let total = counts.get("raw_syscalls:sys_enter").copied();
+        let total = total.context("perf stat counted no system calls")?;
+        let per = |n: u64| n as f64 / units.max(1.0);
+        let mut named = 0;
+        let mut parts = Vec::new();
+        for name in SYSCALLS {
+            let n = counts.get(&format!("syscalls:sys_enter_{name}")).copied();
+            let n = n.unwrap_or(0);
+            named += n;
+            if n > 0 {
+                parts.push(format!("{name} {:.2}", per(n)));
+            }
+        }
+        parts.push(format!("other {:.2}", per(total.saturating_sub(named))));
+        Ok(format!("{} (total {:.2})", parts.join(", "), per(total)))
+    }
+}
+
+/// Event counts from `perf stat -x ,` output (`count,unit,event,…` lines).
+fn parse_stat(text: &str) -> std::collections::HashMap<String, u64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let mut fields = line.split(',');
+            let count = fields.next()?.trim().parse().ok()?;
+            let event = fields.nth(1)?.trim();
+            Some((event.to_owned(), count))
+        })
+        .collect()
+}
+
+/// Sends SIGINT to a `perf` process and waits (up to 5 s) until it has written its output.
+fn stop(proc: &Proc) {
+    let pid = nix::unistd::Pid::from_raw(proc.pid() as i32);
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).is_err() {
+        return;
+    }
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() || zombie(pid.as_raw() as u32) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
@@ -142,4 +226,21 @@ pub fn render(profiles: &[(String, String)]) -> String {
         out += &format!("{label}:\n\n```\n{text}\n```\n\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perf_stat_csv_is_parsed() {
+        let text = "# started on Fri Dec  4 12:00:00 2026\n\n\
+            59976,,syscalls:sys_enter_recvfrom,1002520821,100.00,,\n\
+            <not counted>,,syscalls:sys_enter_futex,0,100.00,,\n\
+            90001,,raw_syscalls:sys_enter,1002520821,100.00,,\n";
+        let counts = parse_stat(text);
+        assert_eq!(counts.get("syscalls:sys_enter_recvfrom"), Some(&59976));
+        assert_eq!(counts.get("raw_syscalls:sys_enter"), Some(&90001));
+        assert_eq!(counts.get("syscalls:sys_enter_futex"), None);
+    }
 }
