@@ -43,8 +43,13 @@ const KEEP_UP: f64 = 0.9;
 const DRAIN: Duration = Duration::from_secs(2);
 /// Warm-up of each step.
 const WARMUP: Duration = Duration::from_secs(1);
-/// The room.
+/// The room's name; each session gets a room of its own (this plus the round), so that
+/// nothing a previous session published can reach the next session's members.
 const ROOM: &str = "bench-fanout";
+/// The stack counts as idle once its processes use less than this share of one core.
+const QUIET_SHARE: f64 = 0.05;
+/// How long a session waits for the stack to go idle before it starts anyway.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Runs the fan-out bench and returns its report section.
 pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
@@ -71,7 +76,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
                 ..roles
             };
             let profiles = (ctx.common.profile && round == 0).then_some(&mut profiles);
-            match session(ctx, stack, addr, &roles, &mut samples, profiles).await {
+            let room = format!("{ROOM}-{round}");
+            match session(ctx, stack, addr, &room, &roles, &mut samples, profiles).await {
                 Ok((spread, redis)) if round == 0 => {
                     notes.push(format!("{} members per server: {spread:?}", stack.label()));
                     notes.push(format!("{}: {redis}", stack.label()));
@@ -189,6 +195,7 @@ async fn session(
     ctx: &Ctx,
     stack: Stack,
     addr: std::net::SocketAddr,
+    room: &str,
     roles: &Roles,
     samples: &mut Samples,
     profiles: Option<&mut Vec<(String, String)>>,
@@ -199,7 +206,10 @@ async fn session(
         from_ns: u64::MAX.into(),
         to_ns: 0.into(),
     });
-    let (tallies, spread, members) = start_members(stack, &target, &window).await?;
+    // A saturating step leaves the servers writing backlogs to sockets that are gone;
+    // the next session must not start on a stack that is still busy with the last one.
+    settle(stack, roles).await;
+    let (tallies, spread, members) = start_members(stack, &target, room, &window).await?;
     // Closes every member's socket when the session ends, however it ends.
     let _members = AbortOnDrop(members);
     eprintln!("  {} members by server: {spread:?}", tallies.len());
@@ -210,7 +220,7 @@ async fn session(
         let gen0 = procs::own_cpu_seconds();
         let commands0 = (rate == RATES[0]).then(|| redis_commands(&roles.redis_ports));
         let step_started = Instant::now();
-        let step = run_step(ctx, stack, &target, &window, &tallies, rate).await?;
+        let step = run_step(ctx, stack, &target, room, &window, &tallies, rate).await?;
         let step_seconds = step_started.elapsed().as_secs_f64();
         // CPU is measured over the whole step, so it is divided by the step's deliveries,
         // warm-up and drain included, not by those of the measured window alone.
@@ -273,9 +283,11 @@ async fn session(
         let label = format!("{}, fan-out at {PROFILED_RATE} publishes/s", stack.label());
         let profiled = async {
             let pids = [roles.servers.as_slice(), &roles.proxy].concat();
+            settle(stack, roles).await;
             let perf = Profile::start(stack.label(), &pids, ctx.dir.path())?;
             let calls = SyscallCount::start(stack.label(), &pids, ctx.dir.path())?;
-            let step = run_step(ctx, stack, &target, &window, &tallies, PROFILED_RATE).await?;
+            let step =
+                run_step(ctx, stack, &target, room, &window, &tallies, PROFILED_RATE).await?;
             let delivered = step.delivered as f64;
             let calls = tokio::task::spawn_blocking(move || calls.finish(delivered)).await?;
             let calls = calls.unwrap_or_else(|err| format!("not counted: {err:#}"));
@@ -312,12 +324,13 @@ impl Drop for AbortOnDrop {
 async fn start_members(
     stack: Stack,
     target: &loadgen::Target,
+    room: &str,
     window: &Arc<Window>,
 ) -> anyhow::Result<(Tallies, Spread, Vec<tokio::task::JoinHandle<()>>)> {
     let gate = Arc::new(tokio::sync::Semaphore::new(100));
     let mut joins = Vec::new();
     for i in 0..MEMBERS {
-        let (gate, target) = (gate.clone(), target.clone());
+        let (gate, target, room) = (gate.clone(), target.clone(), room.to_owned());
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire().await?;
             let source = loadgen::source_ip(i, MEMBER_NETWORKS);
@@ -325,7 +338,7 @@ async fn start_members(
             loop {
                 // Setup only: a member that could not join is retried (the failures of
                 // interest are measured in the failover bench).
-                match rooms::member(stack, &target, source, ROOM).await {
+                match rooms::member(stack, &target, source, &room).await {
                     Ok(client) => return Ok(client),
                     Err(err) if attempt >= JOIN_ATTEMPTS => return Err(err),
                     Err(_) => attempt += 1,
@@ -402,10 +415,14 @@ async fn run_step(
     ctx: &Ctx,
     stack: Stack,
     target: &loadgen::Target,
+    room: &str,
     window: &Arc<Window>,
     tallies: &Tallies,
     rate: f64,
 ) -> anyhow::Result<Step> {
+    // What arrived before this step (history sent on join, the previous step's drain)
+    // is not this step's work.
+    collect(tallies, 0, Duration::from_secs(1))?;
     let client = rooms::connect(stack, target, loadgen::source_ip(7, 16)).await?;
     let (mut sink, mut source) = client.ws.split();
     tokio::spawn(async move { while let Some(Ok(_)) = source.next().await {} });
@@ -420,7 +437,7 @@ async fn run_step(
     let (mut due, mut seq, mut published) = (start, 0u64, 0u64);
     while due < end {
         tokio::time::sleep_until(due).await;
-        sink.send(rooms::publish(stack, ROOM, seq, ns(due))).await?;
+        sink.send(rooms::publish(stack, room, seq, ns(due))).await?;
         if due >= from {
             published += 1;
         }
@@ -432,6 +449,42 @@ async fn run_step(
     collect(tallies, published, duration)
 }
 
+/// Waits until the stack's processes are idle (below [`QUIET_SHARE`] of a core over half a
+/// second), at most [`SETTLE_LIMIT`], and says on stderr how long that took.
+async fn settle(stack: Stack, roles: &Roles) {
+    const PROBE: Duration = Duration::from_millis(500);
+    let pids: Vec<u32> = roles
+        .each()
+        .iter()
+        .flat_map(|(_, p)| p.iter().copied())
+        .collect();
+    let started = Instant::now();
+    loop {
+        let before = procs::cpu_total(&pids);
+        tokio::time::sleep(PROBE).await;
+        let share = (procs::cpu_total(&pids) - before) / PROBE.as_secs_f64();
+        if share < QUIET_SHARE {
+            break;
+        }
+        if started.elapsed() >= SETTLE_LIMIT {
+            eprintln!(
+                "  {}: still busy ({:.0} % of a core) after {SETTLE_LIMIT:?}, starting anyway",
+                stack.label(),
+                share * 100.0
+            );
+            return;
+        }
+    }
+    let waited = started.elapsed();
+    if waited > 2 * PROBE {
+        eprintln!(
+            "  {}: waited {waited:.1?} for the stack to go idle",
+            stack.label()
+        );
+    }
+}
+
+/// Takes what the members recorded since the last call (the tallies start afresh).
 fn collect(tallies: &Tallies, published: u64, duration: Duration) -> anyhow::Result<Step> {
     let mut hist = new_hist();
     let (mut arrivals, mut delivered) = (0, 0);
@@ -543,11 +596,15 @@ fn render(ctx: &Ctx, s: &Samples, notes: &[String]) -> String {
          publisher (not a member) publishes open-loop at {rates} publishes/s, {dur} s per step \
          after 1 s warm-up, until arrivals fall below {keep}% of the offered deliveries. \
          Latency is publish → deliver, timed from the scheduled publish, at the first step \
-         (10 publishes/s = 10,000 deliveries/s). Stack CPU = nodes + proxy + Redis.\n\n",
+         (10 publishes/s = 10,000 deliveries/s). Stack CPU = nodes + proxy + Redis. Each \
+         session has a room of its own and starts once the stack is idle (below \
+         {quiet:.0}% of a core), so the backlog a saturating step leaves behind does not \
+         reach the next one.\n\n",
         workers = ctx.common.workers,
         rates = RATES.map(|r| r.to_string()).join(", "),
         dur = ctx.common.duration_s,
         keep = KEEP_UP * 100.0,
+        quiet = QUIET_SHARE * 100.0,
     );
     let sio = |m: &str| s.median("socket.io", m);
     let rows: Vec<Vec<String>> = ["ringcast", "socket.io"]
