@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Starts of the stack tried before giving up.
+const START_ATTEMPTS: usize = 3;
+
 /// A running seed stack; `down.sh` stops it on drop.
 pub struct SeedStack {
     dir: PathBuf,
@@ -21,7 +24,10 @@ pub struct SeedStack {
 }
 
 impl SeedStack {
-    /// Starts the stack from `dir` (a copy of the seed-stack folder, set up).
+    /// Starts the stack from `dir` (a copy of the seed-stack folder, set up). Ports are
+    /// picked free just before `up.sh` binds them, so another process can take one in
+    /// between (a client's ephemeral port on a busy box): a start that fails is stopped
+    /// and tried again on new ports, [`START_ATTEMPTS`] times in all.
     pub fn up(dir: &str) -> anyhow::Result<Self> {
         let dir = expand_home(dir);
         anyhow::ensure!(
@@ -29,11 +35,26 @@ impl SeedStack {
             "the seed stack is not set up in {} (see the incumbents in the report's header)",
             dir.display()
         );
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(dir.clone()) {
+                Ok(stack) => return Ok(stack),
+                Err(err) if attempt >= START_ATTEMPTS => return Err(err),
+                Err(err) => {
+                    eprintln!("bench: seed stack start {attempt} failed, retrying: {err:#}")
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    fn start_once(dir: PathBuf) -> anyhow::Result<Self> {
         let redis_ports = free_ports_with_bus(6)?;
         let node_ports = (0..3)
             .map(|_| procs::free_port())
             .collect::<Result<Vec<_>, _>>()?;
         let nginx_port = procs::free_port()?;
+        // From here on, dropping the stack (on an error too) runs `down.sh`.
         let stack = Self {
             dir,
             redis_ports,
