@@ -43,6 +43,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
     let mut samples = Samples::default();
     let mut skipped = BTreeMap::new();
     let mut profiles = Vec::new();
+    let mut slow_notes = Vec::new();
     let order = [Kind::Direct, Kind::Ringcast, Kind::Nginx, Kind::Haproxy];
     for round in 0..ctx.common.rounds {
         for k in 0..order.len() {
@@ -55,7 +56,23 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
                 Ok(running) => {
                     let profile = ctx.common.profile && round == 0 && kind != Kind::Direct;
                     let profiles = profile.then_some(&mut profiles);
-                    measure(ctx, &running, &echo_pids, &mut samples, profiles).await?;
+                    let slow = measure(ctx, &running, &echo_pids, &mut samples, profiles).await?;
+                    if let Some((first, last)) = slow.due {
+                        let (first, last) = (first.as_secs_f64(), last.as_secs_f64());
+                        let when = if format!("{first:.2}") == format!("{last:.2}") {
+                            format!("at {first:.2} s")
+                        } else {
+                            format!("between {first:.2} s and {last:.2} s")
+                        };
+                        slow_notes.push(format!(
+                            "round {round}, {}: {} round trips over {} ms, on {} of {} connections, sent {when} into the measured window",
+                            kind.label(),
+                            slow.messages,
+                            loadgen::SLOW_US / 1000,
+                            slow.connections,
+                            ctx.common.conns,
+                        ));
+                    }
                 }
                 Err(err) => {
                     skipped.insert(kind.label(), format!("{err:#}"));
@@ -63,7 +80,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
             }
         }
     }
-    Ok(render(ctx, &samples, &skipped) + &profile::render(&profiles))
+    Ok(render(ctx, &samples, &skipped, &slow_notes) + &profile::render(&profiles))
 }
 
 fn load(ctx: &Ctx) -> Load {
@@ -82,7 +99,7 @@ async fn measure(
     echo_pids: &[u32],
     samples: &mut Samples,
     profiles: Option<&mut Vec<(String, String)>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<loadgen::SlowTrips> {
     let label = running.kind.label();
     let load = load(ctx);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -117,15 +134,16 @@ async fn measure(
         profiles.push((format!("{label}, handshakes"), handshakes));
     }
     eprintln!(
-        "  {label}: {:.0} msg/s, p50 {} µs p99 {} µs (lost {}), {:.0} handshakes/s ({} errors)",
+        "  {label}: {:.0} msg/s, p50 {} µs p99 {} µs (lost {}, slow {:?}), {:.0} handshakes/s ({} errors)",
         tp.msgs_per_s,
         lat.hist.value_at_quantile(0.5),
         lat.hist.value_at_quantile(0.99),
         lat.lost,
+        lat.slow,
         hs.per_s,
         hs.errors
     );
-    Ok(())
+    Ok(lat.slow)
 }
 
 /// What an extra, uncounted profiling run does.
@@ -196,7 +214,12 @@ impl CpuMark {
     }
 }
 
-fn render(ctx: &Ctx, s: &Samples, skipped: &BTreeMap<&str, String>) -> String {
+fn render(
+    ctx: &Ctx,
+    s: &Samples,
+    skipped: &BTreeMap<&str, String>,
+    slow_notes: &[String],
+) -> String {
     let c = &ctx.common;
     let mut out = format!(
         "## Edge: WebSocket echo through the proxy\n\n\
@@ -215,6 +238,17 @@ fn render(ctx: &Ctx, s: &Samples, skipped: &BTreeMap<&str, String>) -> String {
     out += &throughput_table(s);
     out += "\n";
     out += &latency_table(s);
+    out += &format!(
+        "\nRound trips over {} ms in the latency run, by round (a high p99 from one slow \
+         connection or from a moment when all were slow):\n\n",
+        loadgen::SLOW_US / 1000
+    );
+    if slow_notes.is_empty() {
+        out += "- none\n";
+    }
+    for note in slow_notes {
+        out += &format!("- {note}\n");
+    }
     out += "\n";
     out += &cpu_table(s);
     out += &flags(s, skipped);

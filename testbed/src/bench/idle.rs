@@ -224,7 +224,7 @@ async fn measure(
 fn render(ctx: &Ctx, s: &Samples, notes: &BTreeMap<String, String>) -> String {
     let mut out = format!(
         "## Idle: resident memory per idle WebSocket\n\n\
-         Proxies: {} idle tunnels each (the issue asks for 10,000, but a proxy process holds \
+         Proxies: {} idle tunnels each (the goal is 10,000, but a proxy process holds \
          two descriptors per tunnel and the open-files limit here is 20,000, so one process \
          tops out near 9,900; all three get the same count), one worker, to the same two \
          echo backends. Nodes: {} idle client connections straight to `ringcast-node` \

@@ -208,6 +208,44 @@ pub struct Latency {
     pub sent: u64,
     /// Of those, echoes that never came back within the drain time.
     pub lost: u64,
+    /// Where the slow round trips fell, so that a high percentile can be told apart as
+    /// one slow connection or a moment when every connection was slow.
+    pub slow: SlowTrips,
+}
+
+/// A measured round trip longer than this counts as slow in [`SlowTrips`].
+pub const SLOW_US: u64 = 5_000;
+
+/// The measured round trips longer than [`SLOW_US`]: how many, on how many connections,
+/// and when their sends were due.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlowTrips {
+    /// Slow round trips.
+    pub messages: u64,
+    /// Connections with at least one.
+    pub connections: usize,
+    /// Earliest and latest due time of a slow send, from the start of the measured window.
+    pub due: Option<(Duration, Duration)>,
+}
+
+impl SlowTrips {
+    fn record(&mut self, due: Duration) {
+        self.messages += 1;
+        self.connections = 1;
+        self.due = Some(match self.due {
+            Some((first, last)) => (first.min(due), last.max(due)),
+            None => (due, due),
+        });
+    }
+
+    fn merge(&mut self, other: SlowTrips) {
+        self.messages += other.messages;
+        self.connections += other.connections;
+        self.due = match (self.due, other.due) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// Sends `rate` messages/s in total, open-loop, and records round trips from the schedule.
@@ -233,12 +271,14 @@ pub async fn latency(targets: &[Target], load: Load, rate: f64) -> anyhow::Resul
         hist: new_hist(),
         sent: 0,
         lost: 0,
+        slow: SlowTrips::default(),
     };
     for task in tasks {
         let one = task.await??;
         total.hist.add(&one.hist)?;
         total.sent += one.sent;
         total.lost += one.lost;
+        total.slow.merge(one.slow);
     }
     Ok(total)
 }
@@ -286,6 +326,7 @@ async fn open_loop(ws: Ws, size: usize, s: Schedule) -> anyhow::Result<Latency> 
         anyhow::Ok((sink, measured))
     });
     let mut hist = new_hist();
+    let mut slow = SlowTrips::default();
     let (total, mut received) = (s.sends(), 0u64);
     while received < total {
         let next = tokio::time::timeout_at(s.end + DRAIN, source.next()).await;
@@ -297,13 +338,22 @@ async fn open_loop(ws: Ws, size: usize, s: Schedule) -> anyhow::Result<Latency> 
         received += 1;
         let due = s.origin + Duration::from_nanos(stamp);
         if due >= s.measure_from {
-            hist.record(((now - due).as_micros() as u64).clamp(1, MAX_LATENCY_US))?;
+            let round_trip = ((now - due).as_micros() as u64).clamp(1, MAX_LATENCY_US);
+            hist.record(round_trip)?;
+            if round_trip > SLOW_US {
+                slow.record(due - s.measure_from);
+            }
         }
     }
     let (mut sink, sent) = sender.await??;
     let _ = sink.close().await;
     let lost = sent.saturating_sub(hist.len());
-    Ok(Latency { hist, sent, lost })
+    Ok(Latency {
+        hist,
+        sent,
+        lost,
+        slow,
+    })
 }
 
 /// Result of a handshake-rate run.
@@ -382,6 +432,23 @@ mod tests {
         assert_eq!(source_ip(15, 16), Ipv4Addr::new(127, 0, 16, 1));
         assert_eq!(source_ip(16, 16), Ipv4Addr::new(127, 0, 1, 1));
         assert_eq!(source_ip(250, 300), Ipv4Addr::new(127, 1, 1, 1));
+    }
+
+    #[test]
+    fn slow_trips_merge_counts_connections_and_widens_the_span() {
+        let ms = Duration::from_millis;
+        let mut one = SlowTrips::default();
+        one.record(ms(900));
+        one.record(ms(300));
+        let mut other = SlowTrips::default();
+        other.record(ms(1_500));
+        let mut total = SlowTrips::default();
+        total.merge(SlowTrips::default());
+        total.merge(one);
+        total.merge(other);
+        assert_eq!(total.messages, 3);
+        assert_eq!(total.connections, 2);
+        assert_eq!(total.due, Some((ms(300), ms(1_500))));
     }
 
     #[test]
