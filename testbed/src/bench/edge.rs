@@ -57,22 +57,8 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
                     let profile = ctx.common.profile && round == 0 && kind != Kind::Direct;
                     let profiles = profile.then_some(&mut profiles);
                     let slow = measure(ctx, &running, &echo_pids, &mut samples, profiles).await?;
-                    if let Some((first, last)) = slow.due {
-                        let (first, last) = (first.as_secs_f64(), last.as_secs_f64());
-                        let when = if format!("{first:.2}") == format!("{last:.2}") {
-                            format!("at {first:.2} s")
-                        } else {
-                            format!("between {first:.2} s and {last:.2} s")
-                        };
-                        slow_notes.push(format!(
-                            "round {round}, {}: {} round trips over {} ms, on {} of {} connections, sent {when} into the measured window",
-                            kind.label(),
-                            slow.messages,
-                            loadgen::SLOW_US / 1000,
-                            slow.connections,
-                            ctx.common.conns,
-                        ));
-                    }
+                    let label = format!("round {round}, {}", kind.label());
+                    slow_notes.extend(slow_note(&label, &slow, ctx.common.conns));
                 }
                 Err(err) => {
                     skipped.insert(kind.label(), format!("{err:#}"));
@@ -81,6 +67,23 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<String> {
         }
     }
     Ok(render(ctx, &samples, &skipped, &slow_notes) + &profile::render(&profiles))
+}
+
+/// One line on the slow round trips of a latency run, or none when there were none.
+fn slow_note(label: &str, slow: &loadgen::SlowTrips, conns: usize) -> Option<String> {
+    let (first, last) = slow.due?;
+    let (first, last) = (first.as_secs_f64(), last.as_secs_f64());
+    let when = if format!("{first:.2}") == format!("{last:.2}") {
+        format!("at {first:.2} s")
+    } else {
+        format!("between {first:.2} s and {last:.2} s")
+    };
+    Some(format!(
+        "{label}: {} round trips over {} ms, on {} of {conns} connections, sent {when} into the measured window",
+        slow.messages,
+        loadgen::SLOW_US / 1000,
+        slow.connections,
+    ))
 }
 
 fn load(ctx: &Ctx) -> Load {

@@ -184,6 +184,16 @@ struct Tally {
     deliveries: Vec<(u64, u64)>,
 }
 
+impl Tally {
+    /// Nothing recorded yet.
+    fn fresh() -> Self {
+        Self {
+            hist: Some(new_hist()),
+            ..Self::default()
+        }
+    }
+}
+
 /// Shared step bounds, in nanoseconds since the origin.
 struct Window {
     origin: Instant,
@@ -352,10 +362,7 @@ async fn start_members(
     for join in joins {
         let client = join.await??;
         *spread.entry(client.server.clone()).or_insert(0) += 1;
-        let tally = Arc::new(Mutex::new(Tally {
-            hist: Some(new_hist()),
-            ..Tally::default()
-        }));
+        let tally = Arc::new(Mutex::new(Tally::fresh()));
         tallies.push(tally.clone());
         handles.push(tokio::spawn(listen(
             stack,
@@ -422,7 +429,9 @@ async fn run_step(
 ) -> anyhow::Result<Step> {
     // What arrived before this step (history sent on join, the previous step's drain)
     // is not this step's work.
-    collect(tallies, 0, Duration::from_secs(1))?;
+    for tally in tallies {
+        *tally.lock().expect("tally lock") = Tally::fresh();
+    }
     let client = rooms::connect(stack, target, loadgen::source_ip(7, 16)).await?;
     let (mut sink, mut source) = client.ws.split();
     tokio::spawn(async move { while let Some(Ok(_)) = source.next().await {} });

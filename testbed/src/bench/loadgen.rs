@@ -222,13 +222,14 @@ pub const SLOW_US: u64 = 5_000;
 pub struct SlowTrips {
     /// Slow round trips.
     pub messages: u64,
-    /// Connections with at least one.
+    /// Connections with at least one (0 or 1 for a single connection's trips).
     pub connections: usize,
     /// Earliest and latest due time of a slow send, from the start of the measured window.
     pub due: Option<(Duration, Duration)>,
 }
 
 impl SlowTrips {
+    /// Counts one slow trip of a single connection, sent `due` into the measured window.
     fn record(&mut self, due: Duration) {
         self.messages += 1;
         self.connections = 1;
@@ -238,6 +239,7 @@ impl SlowTrips {
         });
     }
 
+    /// Adds the trips of other connections (one, or an already merged total).
     fn merge(&mut self, other: SlowTrips) {
         self.messages += other.messages;
         self.connections += other.connections;
